@@ -1,0 +1,1 @@
+"""Score networks, registered by name (``config.model.name``); see ``models.utils.get_model``."""

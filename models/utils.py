@@ -1,0 +1,129 @@
+"""Model registry, initialisation, and the reference's score parameterisations.
+
+Every model is a ``flax.linen.Module`` built as ``cls(config=config)`` and called as
+``model.apply(variables, x, labels, train=...)``, NHWC (or (B, D) for toy data). What ``labels`` is and how
+the network output becomes a score depend on the SDE and on continuous vs discrete training; those
+conventions live in ``get_score_fn`` alone (Song et al. 2021 reference code, models/utils.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sde_lib
+
+Array = jax.Array
+Variables = Any
+
+# name -> module that defines it. Modules are imported on first use so that the registry is complete
+# whatever the caller imported, and an unknown name fails with the list of known ones.
+_MODEL_MODULES = {
+    'mlp': 'models.mlp',
+    'ncsnpp': 'models.ncsnpp',
+    'ddpm': 'models.ddpm',
+    'ncsn': 'models.ncsnv2',
+    'ncsnv2_64': 'models.ncsnv2',
+    'ncsnv2_128': 'models.ncsnv2',
+    'ncsnv2_256': 'models.ncsnv2',
+}
+_MODELS: dict[str, type[nn.Module]] = {}
+
+
+def register_model(name: str):
+  """Class decorator: makes ``cls`` available as ``config.model.name = name``."""
+  def register(cls):
+    if name in _MODELS and _MODELS[name] is not cls:
+      raise ValueError(f'a model named {name!r} is already registered ({_MODELS[name].__name__}).')
+    _MODELS[name] = cls
+    return cls
+  return register
+
+
+def get_model(name: str) -> type[nn.Module]:
+  """The model class registered under ``name``."""
+  if name not in _MODELS and name in _MODEL_MODULES:
+    importlib.import_module(_MODEL_MODULES[name])
+  if name not in _MODELS:
+    raise ValueError(f'config.model.name={name!r} is not a known model; choose one of '
+                     f'{sorted(set(_MODEL_MODULES) | set(_MODELS))}.')
+  return _MODELS[name]
+
+
+def get_sigmas(config) -> np.ndarray:
+  """The descending geometric noise levels σ_max → σ_min (num_scales of them) of SMLD/NCSN models."""
+  return np.exp(np.linspace(np.log(config.model.sigma_max), np.log(config.model.sigma_min),
+                            config.model.num_scales)).astype(np.float32)
+
+
+def create_model(config) -> nn.Module:
+  return get_model(config.model.name)(config=config)
+
+
+def init_model(rng: Array, config, batch_size: int = 1) -> tuple[nn.Module, Variables]:
+  """Builds the configured model and initialises its variables on a dummy batch."""
+  import datasets  # pylint: disable=import-outside-toplevel  (datasets imports heavy optional deps)
+  model = create_model(config)
+  x = jnp.zeros((batch_size,) + tuple(datasets.data_shape(config)), jnp.float32)
+  labels = jnp.ones((batch_size,), jnp.int32)
+  params_rng, dropout_rng = jax.random.split(rng)
+  variables = model.init({'params': params_rng, 'dropout': dropout_rng}, x, labels, train=False)
+  return model, variables
+
+
+def get_model_fn(model: nn.Module, variables: Variables, train: bool = False,
+                 rng: Array | None = None) -> Callable[[Array, Array], Array]:
+  """``model_fn(x, labels)``; in training mode dropout draws from ``rng``."""
+  if train and rng is None:
+    raise ValueError('get_model_fn(train=True) needs an rng for dropout.')
+
+  def model_fn(x, labels):
+    rngs = {'dropout': rng} if train else {}
+    return model.apply(variables, x, labels, train=train, rngs=rngs)
+  return model_fn
+
+
+def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, train: bool = False,
+                 continuous: bool = True, rng: Array | None = None) -> sde_lib.ScoreFn:
+  """``score_fn(x, t)`` from a network, with the reference's label and scaling conventions.
+
+  - VP / sub-VP: the network predicts ε; score = -ε / std. Continuous (and always for sub-VP): labels
+    = 999 t and std = the marginal std. Discrete VP: labels = t (N-1) and std = √(1-ᾱ)[⌊t (N-1)⌋].
+    The 999 is the reference's, independent of N: kept so that released checkpoints give their scores.
+  - VE: continuous labels = σ(t) (the marginal std); discrete labels = round((T-t)(N-1)), the index into
+    the descending σ table. The network's output is the score (``scale_by_sigma`` divides inside).
+  """
+  model_fn = get_model_fn(model, variables, train=train, rng=rng)
+
+  if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
+    def score_fn(x, t):
+      if continuous or isinstance(sde, sde_lib.subVPSDE):
+        labels = t * 999
+        std = sde.marginal_coeffs(t)[1]
+      else:
+        labels = t * (sde.N - 1)
+        std = sde.sqrt_1m_alphas_cumprod[labels.astype(jnp.int32)]
+      return sde_lib.batch_mul(-1. / std, model_fn(x, labels))
+    return score_fn
+
+  if isinstance(sde, sde_lib.VESDE):
+    def score_fn(x, t):
+      if continuous:
+        labels = sde.marginal_coeffs(t)[1]
+      else:
+        labels = jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32)
+      return model_fn(x, labels)
+    return score_fn
+
+  raise TypeError(f'no score parameterisation for SDE {type(sde).__name__}; '
+                  f'expected one of {[c.__name__ for c in sde_lib.SDES.values()]}.')
+
+
+def param_count(variables: Variables) -> int:
+  """Number of scalars in ``variables['params']`` (frozen parameters included, as the reference counts)."""
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(variables['params'])))
