@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` (train the embedded digits default, write samples and a
+# checkpoint) and `make test` (the test suite). Both create the virtual environment first.
+PYTHON ?= python3
+VENV ?= .venv
+WORKDIR ?= runs/digits_ve
+CONFIG ?= configs/ve/digits_ncsnpp_continuous.py
+
+.PHONY: env demo test clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+demo: env
+	$(VENV)/bin/python main.py --config=$(CONFIG) --mode=train --workdir=$(WORKDIR)
+	$(VENV)/bin/python main.py --config=$(CONFIG) --mode=eval --workdir=$(WORKDIR)
+
+test: env
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV)
