@@ -61,6 +61,10 @@ def get_default_configs():
   data.uniform_dequantization = False
   data.num_channels = 3
   data.num_levels = 256  # ours: discrete values per pixel (dequantization, bits/dim); digits have 17
+  data.path = ''  # ours: image directory for data.dataset='folder'
+  data.category = ''  # ours: LSUN category (TFDS lsun/{category})
+  data.tfds_data_dir = ''  # ours: TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
+  data.dim = 2  # ours: dimension of toy data (gmm, checkerboard, swissroll, moons)
 
   config.model = model = ml_collections.ConfigDict()
   model.sigma_min = 0.01
