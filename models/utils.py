@@ -127,3 +127,16 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, train
 def param_count(variables: Variables) -> int:
   """Number of scalars in ``variables['params']`` (frozen parameters included, as the reference counts)."""
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(variables['params'])))
+
+
+def validate_model_config(config) -> None:
+  """Checks ``config.model`` / ``config.data`` for the configured model before anything is compiled.
+
+  Raises ValueError naming the offending key: unknown model name, image size not divisible by the number
+  of down-samplings, GroupNorm group counts that do not divide a layer's channels, and the like. Each model
+  class states its own constraints in a ``check_config(config)`` static method.
+  """
+  cls = get_model(config.model.name)
+  check = getattr(cls, 'check_config', None)
+  if check is not None:
+    check(config)

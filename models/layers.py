@@ -1,0 +1,243 @@
+"""Layers shared by the score networks: activations, initialisers, convolutions, DDPM blocks, RefineNet blocks.
+
+Sub-module names (``Conv_0``, ``Dense_0``, ``GroupNorm_0``, ``NIN_0``, ...) are Flax's automatic names and
+coincide with the attribute names of the reference's PyTorch port, which is what lets
+``models.torch_port`` map released checkpoints onto these modules.
+
+DDPM blocks follow Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", arXiv:2006.11239, App. B);
+the RefineNet blocks of NCSN/NCSNv2 follow Song & Ermon 2019/2020 (arXiv:1907.05600, 2006.09011) and
+Lin et al. 2017 (RefineNet).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+_ACTIVATIONS = {
+    'elu': nn.elu,
+    'relu': nn.relu,
+    'lrelu': lambda x: nn.leaky_relu(x, negative_slope=0.2),
+    'swish': nn.swish,
+}
+
+
+def get_act(config) -> Callable[[Array], Array]:
+  """The activation named by ``config.model.nonlinearity``."""
+  name = str(config.model.get('nonlinearity', 'swish')).lower()
+  if name not in _ACTIVATIONS:
+    raise ValueError(f'config.model.nonlinearity={name!r} is not known; choose one of {sorted(_ACTIVATIONS)}.')
+  return _ACTIVATIONS[name]
+
+
+def default_init(scale: float = 1.) -> Callable[..., Array]:
+  """DDPM's initialiser: variance scaling, fan-average, uniform. ``scale=0`` means 1e-10 (near-zero)."""
+  scale = 1e-10 if scale == 0 else scale
+  return nn.initializers.variance_scaling(scale, 'fan_avg', 'uniform')
+
+
+def ncsn_init(scale: float = 1.) -> Callable[..., Array]:
+  """NCSN's kernel initialiser: PyTorch's default convolution init, U(±sqrt(scale / fan_in))."""
+  scale = 1e-10 if scale == 0 else scale
+  return nn.initializers.variance_scaling(scale / 3., 'fan_in', 'uniform')
+
+
+def _ncsn_bias_init(scale: float, fan_in: int) -> Callable[..., Array]:
+  """The bias drawn like the kernel entries, U(±sqrt(scale / fan_in)) (PyTorch's default, as the reference)."""
+  scale = 1e-10 if scale == 0 else scale
+  limit = math.sqrt(scale / fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+  return init
+
+
+def ddpm_conv1x1(x: Array, out_planes: int, stride: int = 1, bias: bool = True,
+                 init_scale: float = 1.) -> Array:
+  """1x1 convolution with DDPM initialisation (call inside a compact module)."""
+  return nn.Conv(out_planes, (1, 1), strides=(stride, stride), padding='SAME', use_bias=bias,
+                 kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)(x)
+
+
+def ddpm_conv3x3(x: Array, out_planes: int, stride: int = 1, bias: bool = True, dilation: int = 1,
+                 init_scale: float = 1.) -> Array:
+  """3x3 'SAME' convolution with DDPM initialisation (stride 2 pads (0, 1), as TensorFlow does)."""
+  return nn.Conv(out_planes, (3, 3), strides=(stride, stride), padding='SAME', use_bias=bias,
+                 kernel_dilation=(dilation, dilation), kernel_init=default_init(init_scale),
+                 bias_init=nn.initializers.zeros)(x)
+
+
+def ncsn_conv1x1(x: Array, out_planes: int, stride: int = 1, bias: bool = True, dilation: int = 1,
+                 init_scale: float = 1.) -> Array:
+  """1x1 convolution with NCSN (PyTorch-default) initialisation."""
+  return nn.Conv(out_planes, (1, 1), strides=(stride, stride), padding='SAME', use_bias=bias,
+                 kernel_dilation=(dilation, dilation), kernel_init=ncsn_init(init_scale),
+                 bias_init=_ncsn_bias_init(init_scale, x.shape[-1]))(x)
+
+
+def ncsn_conv3x3(x: Array, out_planes: int, stride: int = 1, bias: bool = True, dilation: int = 1,
+                 init_scale: float = 1.) -> Array:
+  """3x3 convolution, padding = dilation (size-preserving), with NCSN (PyTorch-default) initialisation."""
+  return nn.Conv(out_planes, (3, 3), strides=(stride, stride),
+                 padding=((dilation, dilation), (dilation, dilation)), use_bias=bias,
+                 kernel_dilation=(dilation, dilation), kernel_init=ncsn_init(init_scale),
+                 bias_init=_ncsn_bias_init(init_scale, 9 * x.shape[-1]))(x)
+
+
+def get_timestep_embedding(timesteps: Array, embedding_dim: int, max_positions: int = 10000) -> Array:
+  """Transformer sinusoidal embedding of (possibly fractional) time steps, as in DDPM.
+
+  e_j(t) = sin(t ω_j) for j < d/2 and cos(t ω_{j-d/2}) after, with ω_j = max_positions^(-j / (d/2 - 1)).
+  Returns (B, embedding_dim); odd dimensions are zero-padded.
+  """
+  if timesteps.ndim != 1:
+    raise ValueError(f'time steps must have shape (B,), got {timesteps.shape}.')
+  half_dim = embedding_dim // 2
+  if half_dim < 2:
+    raise ValueError(f'the time embedding needs embedding_dim >= 4 (config.model.nf), got {embedding_dim}.')
+  rate = math.log(max_positions) / (half_dim - 1)
+  freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -rate)
+  emb = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=1)
+  if embedding_dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class NIN(nn.Module):
+  """Network-in-network: a per-pixel linear map of the channels, y = x W + b (a 1x1 convolution)."""
+  num_units: int
+  init_scale: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_dim = x.shape[-1]
+    w = self.param('W', default_init(self.init_scale), (in_dim, self.num_units))
+    b = self.param('b', nn.initializers.zeros, (self.num_units,))
+    return jnp.einsum('...c,cu->...u', x, w.astype(x.dtype)) + b.astype(x.dtype)
+
+
+def spatial_self_attention(x: Array, q: Array, k: Array, v: Array) -> Array:
+  """Single-head dot-product attention over all H·W positions: softmax(q kᵀ / √C) v, shapes (B, H, W, C)."""
+  b, h, w, c = x.shape
+  logits = jnp.einsum('bhwc,bHWc->bhwHW', q, k) * (int(c) ** -0.5)
+  weights = jax.nn.softmax(logits.reshape(b, h, w, h * w), axis=-1).reshape(b, h, w, h, w)
+  return jnp.einsum('bhwHW,bHWc->bhwc', weights, v)
+
+
+def group_norm_32() -> nn.GroupNorm:
+  """DDPM's normalisation: GroupNorm with 32 groups."""
+  return nn.GroupNorm(num_groups=32, use_fast_variance=False)
+
+
+class AttnBlock(nn.Module):
+  """DDPM's self-attention block: x + NIN(attention(normalize(x)))."""
+  normalize: Callable[[], nn.Module] = group_norm_32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    h = self.normalize()(x)
+    q, k, v = NIN(c)(h), NIN(c)(h), NIN(c)(h)
+    return x + NIN(c, init_scale=0.)(spatial_self_attention(x, q, k, v))
+
+
+class Upsample(nn.Module):
+  """DDPM up-sampling: nearest neighbour x2, then (``with_conv``) a 3x3 convolution."""
+  with_conv: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    x = jax.image.resize(x, (b, 2 * h, 2 * w, c), 'nearest')
+    if self.with_conv:
+      x = ddpm_conv3x3(x, c)
+    return x
+
+
+class Downsample(nn.Module):
+  """DDPM down-sampling: a stride-2 3x3 convolution (``with_conv``) or 2x2 average pooling."""
+  with_conv: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    if self.with_conv:
+      return ddpm_conv3x3(x, c, stride=2)
+    return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding='SAME')
+
+
+class ResnetBlockDDPM(nn.Module):
+  """DDPM residual block: GN-act-conv, + Dense(act(temb)), GN-act-dropout-conv(init 0), NIN shortcut."""
+  act: Callable[[Array], Array]
+  normalize: Callable[[], nn.Module] = group_norm_32
+  out_ch: int | None = None
+  conv_shortcut: bool = False
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array | None = None, train: bool = False) -> Array:
+    c = x.shape[-1]
+    out_ch = self.out_ch or c
+    h = self.act(self.normalize()(x))
+    h = ddpm_conv3x3(h, out_ch)
+    if temb is not None:
+      h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
+    h = self.act(self.normalize()(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = ddpm_conv3x3(h, out_ch, init_scale=0.)
+    if c != out_ch:
+      x = ddpm_conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)
+    return x + h
+
+
+def unet_norm_channels(nf: int, ch_mult: Sequence[int], num_res_blocks: int,
+                       input_skip_cat: bool = False) -> list[int]:
+  """Channel counts of every normalised activation in the DDPM / NCSN++ U-Net (skip concatenations included)."""
+  seen = [nf]
+  skips = [nf]
+  in_ch = nf
+  for i_level, mult in enumerate(ch_mult):
+    for _ in range(num_res_blocks):
+      seen.append(in_ch)
+      in_ch = nf * mult
+      seen.append(in_ch)
+      skips.append(in_ch)
+    if i_level != len(ch_mult) - 1:
+      seen.append(in_ch)
+      if input_skip_cat:
+        in_ch *= 2
+      skips.append(in_ch)
+  for i_level in reversed(range(len(ch_mult))):
+    for _ in range(num_res_blocks + 1):
+      seen.append(in_ch + skips.pop())
+      in_ch = nf * ch_mult[i_level]
+      seen.append(in_ch)
+  return seen
+
+
+def check_unet_config(config, groups: Callable[[int], int], model_name: str,
+                      input_skip_cat: bool = False) -> None:
+  """Resolution and GroupNorm constraints of a U-Net config; errors name the key to change."""
+  m = config.model
+  for key in ('nf', 'ch_mult', 'num_res_blocks', 'attn_resolutions'):
+    if key not in m:
+      raise ValueError(f'{model_name} needs config.model.{key}.')
+  size = int(config.data.image_size)
+  factor = 2 ** (len(m.ch_mult) - 1)
+  if size % factor:
+    raise ValueError(f'config.data.image_size={size} must be divisible by 2**(len(config.model.ch_mult)-1)'
+                     f' = {factor} ({model_name} halves the resolution {len(m.ch_mult) - 1} times); change '
+                     'the image size or config.model.ch_mult.')
+  for channels in sorted(set(unet_norm_channels(int(m.nf), m.ch_mult, int(m.num_res_blocks), input_skip_cat))):
+    g = groups(channels)
+    if g < 1 or channels % g:
+      raise ValueError(f'{model_name}: a layer with {channels} channels cannot use GroupNorm with {g} groups; '
+                       f'choose config.model.nf (={m.nf}) and config.model.ch_mult (={tuple(m.ch_mult)}) so '
+                       'that every channel count is a multiple of its group count.')

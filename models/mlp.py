@@ -1,0 +1,92 @@
+"""A time-conditioned MLP score network for low-dimensional (e.g. 2-D toy) data.
+
+It follows the label conventions of ``models.utils.get_score_fn`` exactly as NCSN++ does (Song et al.
+2021, reference ``models/ncsnpp.py``):
+
+- ``embedding_type='fourier'``: the label is a noise level σ (continuous VE) and is embedded as
+  log σ with random Fourier features of scale ``fourier_scale`` (Tancik et al. 2020), frozen at init.
+- ``embedding_type='positional'``: the label is a time index (discrete VE index, 999 t for VP/sub-VP)
+  and is embedded with the Transformer's sinusoids (Vaswani et al. 2017), as in DDPM.
+- ``scale_by_sigma``: the output is divided by σ (the label itself with Fourier embedding, else the
+  descending σ table at the label index), so that the network predicts σ·score, which has unit scale.
+
+Config keys (``config.model``): ``nf`` (hidden width), ``num_layers`` (hidden Dense layers),
+``embedding_type``, ``fourier_scale``, ``scale_by_sigma``, ``dropout``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import utils as mutils
+
+Array = jax.Array
+
+
+def positional_embedding(timesteps: Array, dim: int, max_positions: int = 10000) -> Array:
+  """Sinusoidal embedding of (B,) scalars into (B, dim) (Vaswani et al. 2017, DDPM's time embedding)."""
+  half = dim // 2
+  freqs = jnp.exp(-np.log(max_positions) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  args = timesteps.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class FourierFeatures(nn.Module):
+  """Random Fourier features [sin 2πWs, cos 2πWs], W ~ N(0, scale²) frozen (not trained)."""
+  dim: int
+  scale: float = 16.
+
+  @nn.compact
+  def __call__(self, s: Array) -> Array:
+    # Frozen weights live in 'params' (as in the reference) and are excluded from training here.
+    weights = self.param('W', jax.nn.initializers.normal(stddev=self.scale), (self.dim // 2,))
+    weights = jax.lax.stop_gradient(weights)
+    proj = s[:, None] * weights[None] * 2 * np.pi
+    return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
+
+
+@mutils.register_model('mlp')
+class MLP(nn.Module):
+  """score/ε network: x (B, D), labels (B,) -> (B, D)."""
+  config: Any
+
+  @nn.compact
+  def __call__(self, x: Array, labels: Array, train: bool) -> Array:
+    cfg = self.config.model
+    nf = int(cfg.nf)
+    act = nn.swish
+    embedding_type = str(cfg.embedding_type).lower()
+
+    if embedding_type == 'fourier':
+      used_sigmas = labels
+      temb = FourierFeatures(dim=nf, scale=float(cfg.get('fourier_scale', 16.)))(jnp.log(labels))
+    elif embedding_type == 'positional':
+      used_sigmas = jnp.asarray(mutils.get_sigmas(self.config))[labels.astype(jnp.int32)]
+      temb = positional_embedding(labels, nf)
+    else:
+      raise ValueError(f'config.model.embedding_type={cfg.embedding_type!r} is not known; '
+                       "choose 'fourier' or 'positional'.")
+    temb = nn.Dense(nf * 2)(temb)
+    temb = nn.Dense(nf)(act(temb))
+
+    h = nn.Dense(nf)(x)
+    for _ in range(int(cfg.num_layers)):
+      # Residual blocks with an additive time embedding, as in the DDPM/NCSN++ residual blocks.
+      skip = h
+      h = nn.Dense(nf)(act(h)) + nn.Dense(nf)(act(temb))
+      h = nn.Dropout(float(cfg.dropout), deterministic=not train)(act(h))
+      h = nn.Dense(nf)(h)
+      h = (h + skip) / np.sqrt(2.)
+    h = nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros)(act(h))
+
+    if cfg.get('scale_by_sigma', False):
+      h = h / used_sigmas.reshape((-1,) + (1,) * (h.ndim - 1))
+    return h

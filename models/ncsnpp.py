@@ -1,0 +1,244 @@
+"""NCSN++ and DDPM++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs", App. H).
+
+One U-Net class covers both: DDPM++ is NCSN++ with plain (non-FIR) resampling, no input pyramid,
+positional time embedding and no division by σ. The options (all under ``config.model``):
+
+- ``embedding_type``: 'fourier' (Gaussian Fourier features of log σ, scale ``fourier_scale``; continuous
+  VE training) or 'positional' (sinusoidal embedding of the label, as DDPM);
+- ``resblock_type``: 'biggan' (resampling inside residual blocks) or 'ddpm' (separate Up/Downsample);
+- ``fir`` / ``fir_kernel``: FIR resampling (StyleGAN2) instead of nearest / stride-2 / average pooling;
+- ``progressive`` ∈ {none, output_skip, residual}: output pyramid; ``progressive_input`` ∈ {none,
+  input_skip, residual}: input pyramid; ``progressive_combine`` ∈ {sum, cat} for input_skip;
+- ``skip_rescale`` (residual sums / √2), ``attn_resolutions``, ``init_scale``, ``dropout``,
+  ``conditional`` (time conditioning), ``scale_by_sigma`` (output / σ, so the network learns σ·score).
+
+Inputs in [0, 1] (``data.centered=False``) are mapped to [-1, 1] first. Labels are what
+``models.utils.get_score_fn`` passes: σ for continuous VE, an index (or 999 t) otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from models import layers
+from models import layerspp
+from models import utils
+
+Array = jax.Array
+
+# Options with the values of the paper's NCSN++ CIFAR-10 configs, so small configs may leave them out.
+_DEFAULTS = {
+    'conditional': True,
+    'embedding_type': 'fourier',
+    'fourier_scale': 16.,
+    'resblock_type': 'biggan',
+    'fir': True,
+    'fir_kernel': (1, 3, 3, 1),
+    'resamp_with_conv': True,
+    'progressive': 'none',
+    'progressive_input': 'residual',
+    'progressive_combine': 'sum',
+    'skip_rescale': True,
+    'init_scale': 0.,
+    'dropout': 0.1,
+    'scale_by_sigma': False,
+}
+_CHOICES = {
+    'embedding_type': ('fourier', 'positional'),
+    'resblock_type': ('biggan', 'ddpm'),
+    'progressive': ('none', 'output_skip', 'residual'),
+    'progressive_input': ('none', 'input_skip', 'residual'),
+    'progressive_combine': ('sum', 'cat'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The validated NCSN++ options of a config (see the module docstring)."""
+  nf: int
+  ch_mult: tuple[int, ...]
+  num_res_blocks: int
+  attn_resolutions: tuple[int, ...]
+  image_size: int
+  num_channels: int
+  centered: bool
+  conditional: bool
+  embedding_type: str
+  fourier_scale: float
+  resblock_type: str
+  fir: bool
+  fir_kernel: tuple[int, ...]
+  resamp_with_conv: bool
+  progressive: str
+  progressive_input: str
+  progressive_combine: str
+  skip_rescale: bool
+  init_scale: float
+  dropout: float
+  scale_by_sigma: bool
+
+
+def get_options(config: ml_collections.ConfigDict) -> Options:
+  """Reads and checks ``config.model`` for NCSN++; errors name the key and the allowed values."""
+  m = config.model
+  for key in ('nf', 'ch_mult', 'num_res_blocks', 'attn_resolutions'):
+    if key not in m:
+      raise ValueError(f'NCSN++ needs config.model.{key} (see configs/vp/cifar10_ddpmpp_continuous.py).')
+  values = {key: m.get(key, default) for key, default in _DEFAULTS.items()}
+  for key, allowed in _CHOICES.items():
+    values[key] = str(values[key]).lower()
+    if values[key] not in allowed:
+      raise ValueError(f'config.model.{key}={values[key]!r} is not known; choose one of {allowed}.')
+  if values['embedding_type'] == 'fourier' and not config.training.get('continuous', True):
+    raise ValueError("config.model.embedding_type='fourier' embeds a continuous σ; with "
+                     "config.training.continuous=False use embedding_type='positional'.")
+  return Options(
+      nf=int(m.nf), ch_mult=tuple(int(c) for c in m.ch_mult), num_res_blocks=int(m.num_res_blocks),
+      attn_resolutions=tuple(int(r) for r in m.attn_resolutions),
+      image_size=int(config.data.image_size), num_channels=int(config.data.num_channels),
+      centered=bool(config.data.centered), conditional=bool(values['conditional']),
+      embedding_type=values['embedding_type'], fourier_scale=float(values['fourier_scale']),
+      resblock_type=values['resblock_type'], fir=bool(values['fir']),
+      fir_kernel=tuple(int(k) for k in values['fir_kernel']),
+      resamp_with_conv=bool(values['resamp_with_conv']), progressive=values['progressive'],
+      progressive_input=values['progressive_input'], progressive_combine=values['progressive_combine'],
+      skip_rescale=bool(values['skip_rescale']), init_scale=float(values['init_scale']),
+      dropout=float(values['dropout']), scale_by_sigma=bool(values['scale_by_sigma']))
+
+
+@utils.register_model(name='ncsnpp')
+class NCSNpp(nn.Module):
+  """NCSN++ / DDPM++ U-Net: ``(x (B, H, W, C), labels (B,), train) -> (B, H, W, C)``."""
+  config: ml_collections.ConfigDict
+
+  @staticmethod
+  def check_config(config: ml_collections.ConfigDict) -> None:
+    """Option values, image size vs. down-samplings, GroupNorm divisibility (see models.utils)."""
+    o = get_options(config)
+    layers.get_act(config)
+    layers.check_unet_config(config, layerspp.num_groups, 'NCSN++',
+                             input_skip_cat=(o.progressive_input == 'input_skip'
+                                             and o.progressive_combine == 'cat'))
+
+  @nn.compact
+  def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
+    o = get_options(self.config)
+    act = layers.get_act(self.config)
+    sigmas = jnp.asarray(utils.get_sigmas(self.config))
+    num_resolutions = len(o.ch_mult)
+    if x.shape[1] != o.image_size or x.shape[2] != o.image_size:
+      raise ValueError(f'NCSN++ built for config.data.image_size={o.image_size} got images {x.shape[1:3]}.')
+
+    # Time / noise-level embedding.
+    if o.embedding_type == 'fourier':
+      used_sigmas = time_cond
+      temb = layerspp.GaussianFourierProjection(embedding_size=o.nf, scale=o.fourier_scale)(
+          jnp.log(time_cond))
+    else:
+      used_sigmas = sigmas[time_cond.astype(jnp.int32)]
+      temb = layers.get_timestep_embedding(time_cond, o.nf)
+    if o.conditional:
+      temb = nn.Dense(o.nf * 4, kernel_init=layers.default_init())(temb)
+      temb = nn.Dense(o.nf * 4, kernel_init=layers.default_init())(act(temb))
+    else:
+      temb = None
+
+    attn_block = functools.partial(layerspp.AttnBlockpp, init_scale=o.init_scale,
+                                   skip_rescale=o.skip_rescale)
+    upsample = functools.partial(layerspp.Upsample, with_conv=o.resamp_with_conv, fir=o.fir,
+                                 fir_kernel=o.fir_kernel)
+    downsample = functools.partial(layerspp.Downsample, with_conv=o.resamp_with_conv, fir=o.fir,
+                                   fir_kernel=o.fir_kernel)
+    pyramid_upsample = functools.partial(layerspp.Upsample, fir=o.fir, fir_kernel=o.fir_kernel)
+    pyramid_downsample = functools.partial(layerspp.Downsample, fir=o.fir, fir_kernel=o.fir_kernel)
+    if o.resblock_type == 'ddpm':
+      resnet_block = functools.partial(layerspp.ResnetBlockDDPMpp, act=act, dropout=o.dropout,
+                                       init_scale=o.init_scale, skip_rescale=o.skip_rescale)
+    else:
+      resnet_block = functools.partial(layerspp.ResnetBlockBigGANpp, act=act, dropout=o.dropout,
+                                       fir=o.fir, fir_kernel=o.fir_kernel, init_scale=o.init_scale,
+                                       skip_rescale=o.skip_rescale)
+
+    if not o.centered:
+      x = 2 * x - 1.
+
+    # Down-sampling path.
+    input_pyramid = x if o.progressive_input != 'none' else None
+    hs = [layerspp.conv3x3(x, o.nf)]
+    for i_level in range(num_resolutions):
+      for _ in range(o.num_res_blocks):
+        h = resnet_block(out_ch=o.nf * o.ch_mult[i_level])(hs[-1], temb, train)
+        if h.shape[1] in o.attn_resolutions:
+          h = attn_block()(h)
+        hs.append(h)
+
+      if i_level != num_resolutions - 1:
+        if o.resblock_type == 'ddpm':
+          h = downsample()(hs[-1])
+        else:
+          h = resnet_block(down=True)(hs[-1], temb, train)
+
+        if o.progressive_input == 'input_skip':
+          input_pyramid = pyramid_downsample(with_conv=False)(input_pyramid)
+          h = layerspp.Combine(method=o.progressive_combine)(input_pyramid, h)
+        elif o.progressive_input == 'residual':
+          input_pyramid = pyramid_downsample(out_ch=h.shape[-1], with_conv=True)(input_pyramid)
+          input_pyramid = layerspp.residual_sum(input_pyramid, h, o.skip_rescale)
+          h = input_pyramid
+        hs.append(h)
+
+    # Middle.
+    h = hs[-1]
+    h = resnet_block()(h, temb, train)
+    h = attn_block()(h)
+    h = resnet_block()(h, temb, train)
+
+    # Up-sampling path.
+    pyramid = None
+    for i_level in reversed(range(num_resolutions)):
+      for _ in range(o.num_res_blocks + 1):
+        h = resnet_block(out_ch=o.nf * o.ch_mult[i_level])(jnp.concatenate([h, hs.pop()], axis=-1),
+                                                           temb, train)
+      if h.shape[1] in o.attn_resolutions:
+        h = attn_block()(h)
+
+      if o.progressive != 'none':
+        if i_level == num_resolutions - 1:
+          pyramid = act(layerspp.group_norm(h.shape[-1])(h))
+          if o.progressive == 'output_skip':
+            pyramid = layerspp.conv3x3(pyramid, o.num_channels, init_scale=o.init_scale)
+          else:
+            pyramid = layerspp.conv3x3(pyramid, h.shape[-1], bias=True)
+        elif o.progressive == 'output_skip':
+          pyramid = pyramid_upsample(with_conv=False)(pyramid)
+          pyramid_h = act(layerspp.group_norm(h.shape[-1])(h))
+          pyramid = pyramid + layerspp.conv3x3(pyramid_h, o.num_channels, bias=True,
+                                               init_scale=o.init_scale)
+        else:
+          pyramid = pyramid_upsample(out_ch=h.shape[-1], with_conv=True)(pyramid)
+          pyramid = layerspp.residual_sum(pyramid, h, o.skip_rescale)
+          h = pyramid
+
+      if i_level != 0:
+        if o.resblock_type == 'ddpm':
+          h = upsample()(h)
+        else:
+          h = resnet_block(up=True)(h, temb, train)
+
+    if o.progressive == 'output_skip':
+      h = pyramid
+    else:
+      h = act(layerspp.group_norm(h.shape[-1])(h))
+      h = layerspp.conv3x3(h, o.num_channels, init_scale=o.init_scale)
+
+    if o.scale_by_sigma:
+      h = h / used_sigmas.reshape((-1,) + (1,) * (h.ndim - 1))
+    return h
