@@ -126,13 +126,10 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
       rtol=config.eval.ode_rtol, atol=config.eval.ode_atol, eps=config.eval.likelihood_eps,
       method=config.eval.ode_method)
 
-  # The weights are an argument, not constants baked into the program.
-  @jax.jit
-  def run(variables, rng, levels):
-    score_fn = mutils.get_score_fn(sde, model, variables, train=False, continuous=True)
-    return bpd_fn(rng, score_fn, levels)
-
-  variables = parallel.replicate(mesh, variables)
+  def network_score(variables, x, t):
+    return mutils.get_score_fn(sde, model, variables, train=False, continuous=True)(x, t)
+  # A Partial's arrays are traced arguments: the weights are not baked into the compiled program.
+  score_fn = jax.tree_util.Partial(network_score, parallel.replicate(mesh, variables))
   base_rng = jax.random.PRNGKey(int(config.seed) + 1)
   num_batches = math.ceil(datasets.num_examples(config, split) / int(config.eval.batch_size))
   progress = tqdm.tqdm(total=repeats * num_batches, desc=f'bits/dim {split} ckpt {ckpt}', unit='batch',
@@ -151,7 +148,7 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
       else:
         levels = likelihood.levels_from_unit_interval(batch['image'], num_levels)
         rng = jax.random.fold_in(jax.random.fold_in(base_rng, repeat), index)
-        bpd, _, nfe = run(variables, rng, parallel.shard_batch(mesh, levels))
+        bpd, _, nfe = bpd_fn(rng, score_fn, parallel.shard_batch(mesh, levels))
         mask = _gather(batch['mask'])
         bpd, nfe = _gather(bpd)[mask], _gather(nfe)[mask]
         if jax.process_index() == 0:

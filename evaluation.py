@@ -57,7 +57,8 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
   if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
-    raise ValueError(f'mismatched statistics: mu {mu1.shape} vs {mu2.shape}, cov {cov1.shape} vs {cov2.shape}.')
+    raise ValueError(f'mismatched statistics: mu {mu1.shape} vs {mu2.shape}, '
+                     f'cov {cov1.shape} vs {cov2.shape}.')
   sqrt1 = _psd_sqrt(cov1)
   middle = sqrt1 @ cov2 @ sqrt1
   tr_covmean = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2.), 0., None)))
@@ -119,15 +120,17 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, bloc
                               degree: int = 3, coef0: float = 1., seed: int = 0) -> tuple[float, float]:
   """KID: mean and standard error of unbiased MMD² over disjoint blocks.
 
-  Both sets are shuffled (``seed``) and cut into the same number B = max(2, ⌈max(N₁, N₂) /
-  block_size⌉) of near-equal blocks; block b of one set is compared with block b of the other, as in
-  TF-GAN's ``kernel_classifier_distance_and_std``. The blocks are disjoint, so the B estimates are
-  independent and unbiased: their mean is unbiased and std / √B is its standard error.
+  Both sets are shuffled (``seed``) and cut into the same number B of near-equal blocks; block b of one
+  set is compared with block b of the other, as in TF-GAN's ``kernel_classifier_distance_and_std``.
+  The blocks are disjoint, so the B estimates are independent and unbiased: their mean is unbiased and
+  std / √B is its standard error. B = ⌈max(N₁, N₂) / block_size⌉ (50 for 50,000 samples), raised for
+  small sets to up to 10 blocks of at least 50 (and never below 2) so that the standard error has a
+  few degrees of freedom.
   """
   x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
   if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
     raise ValueError(f'feature sets must be (N, D) with the same D; got {x.shape} and {y.shape}.')
-  blocks = max(2, -(-max(len(x), len(y)) // block_size))
+  blocks = max(2, -(-max(len(x), len(y)) // block_size), min(10, min(len(x), len(y)) // 50))
   if min(len(x), len(y)) < 2 * blocks:
     raise ValueError(f'KID needs at least {2 * blocks} features per set; got {len(x)} and {len(y)}.')
   rng = np.random.default_rng(seed)
@@ -149,22 +152,32 @@ class FeatureExtractor:
 
 def get_feature_extractor(config) -> FeatureExtractor:
   """The digits classifier for ``config.data.dataset == 'digits'``, else the FID Inception-v3
-  (weights from ``config.eval.inception_path``, see ``models.inception.load_variables``)."""
+  (weights from ``config.eval.inception_path``, see ``models.inception.load_variables``).
+
+  Cached per (network, weights, layout): evaluating many checkpoints loads and compiles it once.
+  """
   if str(config.data.dataset).lower() == 'digits':
     import datasets  # pylint: disable=import-outside-toplevel
-    from models import digits_classifier  # pylint: disable=import-outside-toplevel
-    params = digits_classifier.load_params()
-    size = int(config.data.image_size)
     layout = datasets._digits_layout(config)  # pylint: disable=protected-access
-    apply = jax.jit(functools.partial(digits_classifier.DigitsClassifier().apply, return_features=True))
-    return FeatureExtractor(
-        'digits_classifier',
-        lambda images: apply({'params': params}, digits_classifier.to_native(images, size, layout)),
-        digits_classifier.FEATURE_DIM, digits_classifier.NUM_CLASSES)
+    return _digits_extractor(int(config.data.image_size), layout)
+  return _inception_extractor(str(config.eval.get('inception_path', '')))
 
+
+@functools.lru_cache(maxsize=4)
+def _digits_extractor(image_size: int, layout: str) -> FeatureExtractor:
+  from models import digits_classifier  # pylint: disable=import-outside-toplevel
+  params = digits_classifier.load_params()
+  apply = jax.jit(functools.partial(digits_classifier.DigitsClassifier().apply, return_features=True))
+  return FeatureExtractor(
+      'digits_classifier',
+      lambda images: apply({'params': params}, digits_classifier.to_native(images, image_size, layout)),
+      digits_classifier.FEATURE_DIM, digits_classifier.NUM_CLASSES)
+
+
+@functools.lru_cache(maxsize=1)
+def _inception_extractor(path: str) -> FeatureExtractor:
   from models import inception  # pylint: disable=import-outside-toplevel
-  return FeatureExtractor('inception_v3_fid',
-                          inception.feature_fn(inception.load_variables(str(config.eval.inception_path))),
+  return FeatureExtractor('inception_v3_fid', inception.feature_fn(inception.load_variables(path)),
                           inception.POOL_DIM, inception.NUM_LOGITS)
 
 
@@ -176,7 +189,8 @@ def compute_features(extractor: FeatureExtractor, images: np.ndarray, batch_size
   """
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4:
-    raise ValueError(f'compute_features expects uint8 images (N, H, W, C); got {images.dtype} {images.shape}.')
+    raise ValueError(f'compute_features expects uint8 images (N, H, W, C); '
+                     f'got {images.dtype} {images.shape}.')
   devices = jax.local_devices()
   batch_size = -(-min(batch_size, len(images)) // len(devices)) * len(devices)
   mesh = jax.sharding.Mesh(np.array(devices), ('data',))

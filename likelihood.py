@@ -62,8 +62,17 @@ def evaluations_per_step(method: str) -> tuple[int, int]:
   return stages - int(fsal), int(fsal)
 
 
-def _check_options(hutchinson_type: str, num_probes: int, rtol: float, atol: float, eps: float,
-                   method: str, max_steps: int) -> None:
+def as_pytree(score_fn: ScoreFn) -> jax.tree_util.Partial:
+  """``score_fn`` as a pytree whose arrays (if a ``Partial``) are jit arguments, not constants."""
+  if isinstance(score_fn, jax.tree_util.Partial):
+    return score_fn
+  if not callable(score_fn):
+    raise TypeError(f'score_fn must be a callable score_fn(x, t), got {type(score_fn).__name__}.')
+  return jax.tree_util.Partial(score_fn)
+
+
+def _check_options(sde: sde_lib.SDE, hutchinson_type: str, num_probes: int, rtol: float, atol: float,
+                   eps: float, method: str, max_steps: int) -> None:
   if hutchinson_type not in HUTCHINSON_TYPES:
     raise ValueError(f'hutchinson_type (config.eval.hutchinson_type)={hutchinson_type!r} is not known; '
                      f'choose one of {HUTCHINSON_TYPES}.')
@@ -74,8 +83,8 @@ def _check_options(hutchinson_type: str, num_probes: int, rtol: float, atol: flo
                      f'choose one of {sorted(SOLVERS)}.')
   if not (rtol > 0 and atol > 0):
     raise ValueError(f'rtol and atol (config.eval.ode_rtol/ode_atol) must be positive, got {rtol}, {atol}.')
-  if not eps > 0:
-    raise ValueError(f'eps (config.eval.likelihood_eps) must be positive, got {eps}.')
+  if not 0 < eps < sde.T:
+    raise ValueError(f'eps (config.eval.likelihood_eps) must lie in (0, T={sde.T}), got {eps}.')
   if int(max_steps) < 1:
     raise ValueError(f'max_steps must be a positive integer, got {max_steps}.')
 
@@ -173,20 +182,23 @@ def get_log_likelihood_fn(sde: sde_lib.SDE, hutchinson_type: str = 'rademacher',
   extra: the batched network is evaluated max(nfe) times either way, finished examples idling.
 
   The batch is split over all devices (``parallel.data_mesh``): B must be divisible by the device
-  count. The function is jitted with ``score_fn`` static: build ``score_fn`` once and reuse it, or call
-  this function inside your own ``jax.jit`` with the network's variables as arguments (as
-  ``eval_likelihood`` does) so that weights are not baked into the program.
+  count. The solve is jitted with ``score_fn`` as an argument: a ``jax.tree_util.Partial`` (e.g.
+  ``sampling.model_score_fn(sde, model, variables)``) has its arrays traced, so new weights reuse the
+  compiled program; any other callable is a static part of the program (compiled once per function
+  object, its closed-over arrays baked in as constants).
   """
-  _check_options(hutchinson_type, num_probes, rtol, atol, eps, method, max_steps)
+  _check_options(sde, hutchinson_type, num_probes, rtol, atol, eps, method, max_steps)
   mesh = parallel.data_mesh() if jax.device_count() > 1 else None
   options = dict(hutchinson_type=hutchinson_type, num_probes=int(num_probes), rtol=float(rtol),
                  atol=float(atol), eps=float(eps), method=method, max_steps=int(max_steps), mesh=mesh)
-  jitted = jax.jit(lambda rng, score_fn, x: _log_likelihood(sde, rng, score_fn, x, **options),
-                   static_argnums=1)
+  jitted = jax.jit(lambda rng, score_tree, x: _log_likelihood(sde, rng, score_tree, x, **options))
 
   def log_likelihood_fn(rng: Array, score_fn: ScoreFn, x: Array) -> tuple[Array, Array, Array]:
     parallel.check_batch_size(x.shape[0], 'the batch size of x')
-    return jitted(rng, score_fn, x)
+    score_tree = as_pytree(score_fn)
+    if mesh is not None:
+      score_tree = parallel.replicate(mesh, score_tree)
+    return jitted(rng, score_tree, x)
   return log_likelihood_fn
 
 
@@ -210,6 +222,13 @@ def dequantization_offset_bits(inverse_scaler: Callable, num_levels: int) -> flo
   return math.log2(num_levels) + math.log2(abs(affine_coefficients(inverse_scaler)[1]))
 
 
+def dequantize(rng: Array, levels: Array, num_levels: int) -> Array:
+  """v = (levels + u) / L with u ~ U[0, 1) from ``jax.random.split(rng)[0]``: the points at which
+  ``get_likelihood_fn(...)(rng, ...)`` evaluates the density (its probes use ``split(rng)[1]``)."""
+  u = jax.random.uniform(jax.random.split(rng)[0], levels.shape, jnp.float32)
+  return (levels.astype(jnp.float32) + u) / num_levels
+
+
 def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, num_levels: int = 256,
                       hutchinson_type: str = 'rademacher', num_probes: int = 1, rtol: float = 1e-5,
                       atol: float = 1e-5, eps: float = 1e-5, method: str = 'dopri5',
@@ -219,7 +238,7 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, num_levels: in
   ``levels`` are the data's integer values in {0, ..., L-1} (L = ``num_levels``: 256 for 8-bit
   images, 17 for sklearn digits), e.g. uint8 pixels; float input is refused, because this function
   dequantizes itself and a density evaluated at undequantized grid points is meaningless (score_sde
-  issue #24: negative bits/dim). With u ~ U[0, 1)^D drawn from ``rng``:
+  issue #24: negative bits/dim). With u ~ U[0, 1)^D drawn from ``rng`` (``dequantize``):
 
     v = (levels + u) / L ∈ [0, 1)^D,  y = scaler(v) = (v - shift) / scale  (model space, where
     inverse_scaler(y) = shift + scale · y, e.g. scale = 1/2 for centred data),
@@ -235,7 +254,7 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, num_levels: in
 
   Other arguments as in ``get_log_likelihood_fn``; ``inverse_scaler`` must be elementwise affine.
   """
-  _check_options(hutchinson_type, num_probes, rtol, atol, eps, method, max_steps)
+  _check_options(sde, hutchinson_type, num_probes, rtol, atol, eps, method, max_steps)
   num_levels = int(num_levels)
   if num_levels < 2:
     raise ValueError(f'num_levels (config.data.num_levels) must be >= 2, got {num_levels}.')
@@ -246,13 +265,12 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, num_levels: in
                  atol=float(atol), eps=float(eps), method=method, max_steps=int(max_steps), mesh=mesh)
 
   def bits_per_dim(rng, score_fn, levels):
-    rng_dequant, rng_probes = jax.random.split(rng)
-    u = jax.random.uniform(rng_dequant, levels.shape, jnp.float32)
-    v = (levels.astype(jnp.float32) + u) / num_levels
-    logp, z, nfe = _log_likelihood(sde, rng_probes, score_fn, (v - shift) / scale, **options)
+    v = dequantize(rng, levels, num_levels)
+    logp, z, nfe = _log_likelihood(sde, jax.random.split(rng)[1], score_fn, (v - shift) / scale,
+                                   **options)
     dim = math.prod(levels.shape[1:])
     return -logp / (dim * math.log(2.)) + offset, z, nfe
-  jitted = jax.jit(bits_per_dim, static_argnums=1)
+  jitted = jax.jit(bits_per_dim)
 
   def likelihood_fn(rng: Array, score_fn: ScoreFn, levels: Array) -> tuple[Array, Array, Array]:
     if not jnp.issubdtype(levels.dtype, jnp.integer):
@@ -267,7 +285,10 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, num_levels: in
         raise ValueError(f'data levels must lie in [0, {num_levels - 1}] (num_levels={num_levels}, '
                          f'config.data.num_levels), got values in [{low}, {high}].')
     parallel.check_batch_size(levels.shape[0], 'the batch size of the data')
-    return jitted(rng, score_fn, levels)
+    score_tree = as_pytree(score_fn)
+    if mesh is not None:
+      score_tree = parallel.replicate(mesh, score_tree)
+    return jitted(rng, score_tree, levels)
   return likelihood_fn
 
 
@@ -278,7 +299,8 @@ def levels_from_unit_interval(images: np.ndarray, num_levels: int) -> np.ndarray
   """
   scaled = np.asarray(images, np.float64) * (num_levels - 1)
   levels = np.rint(scaled)
-  if scaled.size and (np.max(np.abs(scaled - levels)) > 1e-3 or levels.min() < 0 or levels.max() >= num_levels):
+  off_grid = scaled.size and np.max(np.abs(scaled - levels)) > 1e-3
+  if off_grid or (scaled.size and (levels.min() < 0 or levels.max() >= num_levels)):
     raise ValueError(f'images are not on the grid k / {num_levels - 1}, k in [0, {num_levels - 1}]: '
                      f'load them with uniform_dequantization=False and check config.data.num_levels.')
   return levels.astype(np.int32)

@@ -210,9 +210,10 @@ class TrainState:
 
 
 def init_train_state(rng: Array, params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
-  """Step 0; the EMA starts at the initial parameters (as in both references)."""
+  """Step 0; the EMA starts at the initial parameters (as in both references), in its own buffers so
+  that the state can be donated to the compiled step."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    params_ema=params, rng=rng)
+                    params_ema=jax.tree.map(jnp.copy, params), rng=rng)
 
 
 def get_train_step(config, loss_fn: LossFn, optimizer: optax.GradientTransformation):
@@ -233,7 +234,7 @@ def get_train_step(config, loss_fn: LossFn, optimizer: optax.GradientTransformat
     params_ema = jax.tree.map(lambda e, p: decay * e + (1. - decay) * p, state.params_ema, params)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            params_ema=params_ema, rng=rng)
-    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
   return train_step
 
 

@@ -52,6 +52,10 @@ def get_default_configs():
   evaluate.ode_method = 'dopri5'
   evaluate.ode_rtol = 1e-5
   evaluate.ode_atol = 1e-5
+  # ours (sample quality, eval_samples.py):
+  evaluate.inception_path = ''  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth ('' = torch hub cache)
+  evaluate.stats_path = ''  # from --mode=fid_stats ('' = assets/stats/{dataset}_{image_size}_stats.npz)
+  evaluate.feature_batch_size = 250  # images per Inception / digits-classifier batch
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'CIFAR10'
@@ -68,7 +72,7 @@ def get_default_configs():
 
   config.model = model = ml_collections.ConfigDict()
   model.sigma_min = 0.01
-  model.sigma_max = 50
+  model.sigma_max = 50.  # float, so that --config.model.sigma_max=6.5 can override it
   model.num_scales = 1000
   model.beta_min = 0.1
   model.beta_max = 20.
@@ -76,7 +80,7 @@ def get_default_configs():
   model.embedding_type = 'fourier'
 
   config.optim = optim = ml_collections.ConfigDict()
-  optim.weight_decay = 0
+  optim.weight_decay = 0.  # float, for command-line overrides
   optim.optimizer = 'Adam'
   optim.lr = 2e-4
   optim.beta1 = 0.9

@@ -256,7 +256,8 @@ def variables_from_state_dict(state_dict: dict[str, np.ndarray], source: str = '
   missing = sorted('/'.join(k) for k in expected if k not in flat)
   if missing or unexpected:
     raise ValueError(f'{source} is not the FID Inception-v3 state dict: missing {missing[:5]} '
-                     f'({len(missing)} in all), unexpected {sorted(unexpected)[:5]} ({len(unexpected)} in all).')
+                     f'({len(missing)} in all), unexpected {sorted(unexpected)[:5]} '
+                     f'({len(unexpected)} in all).')
   variables: dict = {}
   for path, array in flat.items():
     node = variables

@@ -241,3 +241,162 @@ def check_unet_config(config, groups: Callable[[int], int], model_name: str,
       raise ValueError(f'{model_name}: a layer with {channels} channels cannot use GroupNorm with {g} groups; '
                        f'choose config.model.nf (={m.nf}) and config.model.ch_mult (={tuple(m.ch_mult)}) so '
                        'that every channel count is a multiple of its group count.')
+
+
+# RefineNet blocks of NCSN (conditional: the normalisations take the noise-level index y) and NCSNv2.
+# ``normalization`` is a factory from models.normalization.get_normalization.
+
+
+def _resize(x: Array, shape: Sequence[int], interpolation: str) -> Array:
+  if interpolation not in ('bilinear', 'nearest'):
+    raise ValueError(f"config.model.interpolation={interpolation!r}; choose 'bilinear' or 'nearest'.")
+  return jax.image.resize(x, (x.shape[0], shape[0], shape[1], x.shape[-1]), interpolation)
+
+
+class CRPBlock(nn.Module):
+  """Chained residual pooling: x ← act(x); path ← conv(pool5x5(path)) n_stages times, each added to x."""
+  features: int
+  n_stages: int
+  act: Callable[[Array], Array] = nn.relu
+  normalization: Callable[..., nn.Module] | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, y: Array | None = None) -> Array:
+    x = self.act(x)
+    path = x
+    for _ in range(self.n_stages):
+      if self.normalization is None:
+        path = nn.max_pool(path, window_shape=(5, 5), strides=(1, 1), padding='SAME')
+      else:
+        path = self.normalization()(path, y)
+        path = nn.avg_pool(path, window_shape=(5, 5), strides=(1, 1), padding='SAME')
+      path = ncsn_conv3x3(path, self.features, bias=False)
+      x = path + x
+    return x
+
+
+class RCUBlock(nn.Module):
+  """Residual conv units: n_blocks × (x + (act → conv) applied n_stages times), with optional norms."""
+  features: int
+  n_blocks: int
+  n_stages: int
+  act: Callable[[Array], Array] = nn.relu
+  normalization: Callable[..., nn.Module] | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, y: Array | None = None) -> Array:
+    for _ in range(self.n_blocks):
+      residual = x
+      for _ in range(self.n_stages):
+        if self.normalization is not None:
+          x = self.normalization()(x, y)
+        x = self.act(x)
+        x = ncsn_conv3x3(x, self.features, bias=False)
+      x = x + residual
+    return x
+
+
+class MSFBlock(nn.Module):
+  """Multi-resolution fusion: conv3x3 each input (after a norm, if given), resize to ``shape``, sum."""
+  shape: Sequence[int]
+  features: int
+  interpolation: str = 'bilinear'
+  normalization: Callable[..., nn.Module] | None = None
+
+  @nn.compact
+  def __call__(self, xs: Sequence[Array], y: Array | None = None) -> Array:
+    sums = 0.
+    for x in xs:
+      h = x if self.normalization is None else self.normalization()(x, y)
+      h = ncsn_conv3x3(h, self.features, bias=True)
+      sums = sums + _resize(h, self.shape, self.interpolation)
+    return sums
+
+
+class RefineBlock(nn.Module):
+  """RefineNet block (Lin et al. 2017): RCU adaptation per input → fusion → CRP → output RCUs.
+
+  With ``normalization`` (NCSN v1) every sub-block is noise-conditional and CRP average-pools.
+  """
+  output_shape: Sequence[int]
+  features: int
+  act: Callable[[Array], Array] = nn.relu
+  interpolation: str = 'bilinear'
+  start: bool = False
+  end: bool = False
+  normalization: Callable[..., nn.Module] | None = None
+
+  @nn.compact
+  def __call__(self, xs: Sequence[Array], y: Array | None = None) -> Array:
+    hs = [RCUBlock(x.shape[-1], n_blocks=2, n_stages=2, act=self.act,
+                   normalization=self.normalization)(x, y) for x in xs]
+    if self.start:
+      h = hs[0]
+    else:
+      h = MSFBlock(shape=self.output_shape, features=self.features, interpolation=self.interpolation,
+                   normalization=self.normalization)(hs, y)
+    h = CRPBlock(self.features, n_stages=2, act=self.act, normalization=self.normalization)(h, y)
+    return RCUBlock(self.features, n_blocks=3 if self.end else 1, n_stages=2, act=self.act,
+                    normalization=self.normalization)(h, y)
+
+
+class ConvMeanPool(nn.Module):
+  """A 'SAME' convolution followed by 2x2 mean pooling (``adjust_padding``: pad top/left first, for 28 px)."""
+  output_dim: int
+  kernel_size: int = 3
+  biases: bool = True
+  adjust_padding: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.adjust_padding:
+      x = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))
+    k = self.kernel_size
+    x = nn.Conv(self.output_dim, (k, k), padding='SAME', use_bias=self.biases,
+                kernel_init=ncsn_init(), bias_init=_ncsn_bias_init(1., k * k * x.shape[-1]))(x)
+    return (x[:, ::2, ::2] + x[:, 1::2, ::2] + x[:, ::2, 1::2] + x[:, 1::2, 1::2]) / 4.
+
+
+class ResidualBlock(nn.Module):
+  """NCSN's residual block: norm-act-conv-norm-act-conv + shortcut; 'down' halves the resolution
+  (or, with dilation > 1, keeps it and only widens the receptive field, as NCSNv2 does).
+
+  With ``conditional`` the norms take the noise-level index ``y`` (NCSN v1).
+  """
+  output_dim: int
+  normalization: Callable[..., nn.Module]
+  resample: str | None = None
+  act: Callable[[Array], Array] = nn.elu
+  dilation: int = 1
+  adjust_padding: bool = False
+  conditional: bool = False
+
+  def _norm(self, x: Array, y: Array | None) -> Array:
+    return self.normalization()(x, y) if self.conditional else self.normalization()(x)
+
+  @nn.compact
+  def __call__(self, x: Array, y: Array | None = None) -> Array:
+    if self.resample not in (None, 'down'):
+      raise ValueError(f"ResidualBlock resample must be None or 'down', got {self.resample!r}.")
+    in_dim, d = x.shape[-1], self.dilation
+    h = self.act(self._norm(x, y))
+    if self.resample == 'down':
+      h = ncsn_conv3x3(h, in_dim, dilation=d)
+      h = self.act(self._norm(h, y))
+      if d > 1:
+        h = ncsn_conv3x3(h, self.output_dim, dilation=d)
+        shortcut = ncsn_conv3x3(x, self.output_dim, dilation=d)
+      else:
+        h = ConvMeanPool(self.output_dim, adjust_padding=self.adjust_padding)(h)
+        shortcut = ConvMeanPool(self.output_dim, kernel_size=1, adjust_padding=self.adjust_padding)(x)
+    else:
+      if self.output_dim == in_dim:
+        shortcut = x
+      elif d > 1:
+        shortcut = ncsn_conv3x3(x, self.output_dim, dilation=d)
+      else:
+        shortcut = ncsn_conv1x1(x, self.output_dim)
+      h = ncsn_conv3x3(h, self.output_dim, dilation=d)
+      h = self.act(self._norm(h, y))
+      h = ncsn_conv3x3(h, self.output_dim, dilation=d)
+    return h + shortcut

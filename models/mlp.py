@@ -58,6 +58,24 @@ class MLP(nn.Module):
   """score/ε network: x (B, D), labels (B,) -> (B, D)."""
   config: Any
 
+  @staticmethod
+  def check_config(config) -> None:
+    """Raises ValueError naming the key for settings this network cannot take."""
+    import datasets  # pylint: disable=import-outside-toplevel
+    cfg = config.model
+    for key in ('nf', 'num_layers'):
+      value = cfg.get(key)
+      if not isinstance(value, int) or value < (1 if key == 'nf' else 0):
+        raise ValueError(f'config.model.{key}={value!r} must be a '
+                         f'{"positive" if key == "nf" else "non-negative"} integer.')
+    if str(cfg.embedding_type).lower() not in ('fourier', 'positional'):
+      raise ValueError(f'config.model.embedding_type={cfg.embedding_type!r} is not known; '
+                       "choose 'fourier' or 'positional'.")
+    if len(datasets.data_shape(config)) != 1:
+      raise ValueError(f"config.model.name='mlp' is for vector data (the toy datasets "
+                       f'{datasets.TOY_DATASETS}); config.data.dataset={config.data.dataset!r} is images: '
+                       "use an image model such as 'ncsnpp'.")
+
   @nn.compact
   def __call__(self, x: Array, labels: Array, train: bool) -> Array:
     cfg = self.config.model

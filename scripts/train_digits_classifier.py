@@ -86,8 +86,6 @@ def train(epochs: int, seed: int = SEED) -> dict:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('out', digits_classifier.WEIGHTS, 'Where to write the weights (.npz).')
-flags.DEFINE_integer('epochs', 60, 'Training epochs.')
 
 
 def main(argv):
@@ -101,4 +99,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not at import, so that tests importing train() add no global absl flags.
+  flags.DEFINE_string('out', digits_classifier.WEIGHTS, 'Where to write the weights (.npz).')
+  flags.DEFINE_integer('epochs', 60, 'Training epochs.')
   app.run(main)

@@ -1,0 +1,328 @@
+"""Sample quality of a checkpoint (FID, IS, KID) and the dataset statistics it is measured against.
+
+``evaluate_samples`` is what ``run_lib.evaluate`` calls for each checkpoint when
+``config.eval.enable_sampling``; ``compute_dataset_stats`` is ``main.py --mode=fid_stats``.
+
+Exactly ``config.eval.num_samples`` samples enter the metrics: ``ceil(num_samples / eval.batch_size)``
+rounds of ``eval.batch_size`` samples (sharded over all devices), the surplus rows of the last round
+discarded. Sample i is drawn from ``fold_in(PRNGKey(seed), i)`` (``sampling``'s per-sample keys), so
+every checkpoint is sampled from the same latents. Each round's uint8 samples and features are saved
+as it finishes and reused when found, so a preempted evaluation resumes at the first missing round.
+
+Features: the FID Inception-v3 (pytorch-fid's port of TF's 2015-12-05 graph) for image datasets; the
+committed digits classifier for ``digits`` ("digits FID/IS/KID", see ``models.digits_classifier``).
+Reference statistics: a file from ``--mode=fid_stats`` (train split, uint8 images, no dequantization:
+what the reference's published CIFAR-10 statistics used); for digits without such a file, the test
+split, computed on the fly (300 held-out images, so that train-vs-test is a meaningful control).
+
+Files, in ``eval_dir``: ``samples_ckpt_{ckpt}/settings.json``, ``samples_{r}.npz`` (``samples`` uint8,
+``nfe``) and ``statistics_{r}.npz`` (``features``, ``logits``) per round; ``report_ckpt_{ckpt}.json``
+and ``samples_ckpt_{ckpt}.png`` (a grid of the first samples).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import tqdm
+
+import datasets
+import evaluation
+import generate
+import parallel
+import sampling
+import sde_lib
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+GRID_SIZE = 64
+
+
+def default_stats_path(config) -> str:
+  """``assets/stats/{dataset}_{image_size}_stats.npz`` in the repository (``config.eval.stats_path``
+  overrides it)."""
+  name = datasets.dataset_name(config)
+  return os.path.join(REPO_ROOT, 'assets', 'stats', f'{name}_{int(config.data.image_size)}_stats.npz')
+
+
+def stats_path(config) -> str:
+  return str(config.eval.get('stats_path', '')) or default_stats_path(config)
+
+
+def _feature_batch_size(config) -> int:
+  return int(config.eval.get('feature_batch_size', 250))
+
+
+def _check_config(config) -> None:
+  if datasets.dataset_name(config) in datasets.TOY_DATASETS:
+    raise ValueError(f'FID/IS/KID need images; config.data.dataset={config.data.dataset!r} is 2-D toy '
+                     f'data: set config.eval.enable_sampling=False.')
+  if int(config.eval.num_samples) < 4:
+    raise ValueError(f'config.eval.num_samples={config.eval.num_samples} is too small for FID/KID; use '
+                     f'at least 4 (thousands for meaningful numbers; the paper used 50000).')
+  parallel.check_batch_size(int(config.eval.batch_size), 'config.eval.batch_size')
+
+
+def _atomic_write(path: str, write) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def _gather(x: np.ndarray) -> np.ndarray:
+  """Every process's rows (equal counts), concatenated in process order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _sync(name: str) -> None:
+  """Waits for every process (host 0 writes the files the others read)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _local_features(extractor: evaluation.FeatureExtractor, images: np.ndarray,
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Features of this process's rows, gathered over processes (all processes hold all rows after)."""
+  features, logits = evaluation.compute_features(extractor, images, batch_size)
+  return _gather(features), _gather(logits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dataset statistics.
+
+
+def dataset_features(config, split: str, extractor: evaluation.FeatureExtractor,
+                     show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Features and logits of every example of ``split`` as uint8 images (no dequantization, no flips)."""
+  batch_size = _feature_batch_size(config)
+  total = math.ceil(datasets.num_examples(config, split) / int(config.eval.batch_size))
+  feats, logits = [], []
+  for batch in tqdm.tqdm(datasets.get_eval_iterator(config, split, uniform_dequantization=False),
+                         total=total, desc=f'features {config.data.dataset}/{split}', unit='batch',
+                         disable=not show_progress or jax.process_index() != 0):
+    f, l = _local_features(extractor, evaluation.to_uint8(batch['image']), batch_size)
+    mask = _gather(batch['mask'])
+    feats.append(f[mask])
+    logits.append(l[mask])
+  return np.concatenate(feats), np.concatenate(logits)
+
+
+def compute_dataset_stats(config, out_path: str = '', split: str = 'train') -> str:
+  """Writes the reference statistics of ``split`` to ``out_path`` (default ``stats_path(config)``).
+
+  The file holds ``mu`` and ``sigma`` (float64 mean and covariance, for FID), ``pool_3`` (the float32
+  features, for KID; the reference's key), ``logits``, and what they were computed with
+  (``feature_network``, ``dataset``, ``split``, ``image_size``, ``num_examples``). Returns the path.
+  """
+  _check_config(config)
+  out_path = out_path or stats_path(config)
+  extractor = evaluation.get_feature_extractor(config)
+  started = time.time()
+  features, logits = dataset_features(config, split, extractor)
+  mu, sigma = evaluation.feature_stats(features)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    _atomic_write(out_path, lambda f: np.savez(
+        f, mu=mu, sigma=sigma, pool_3=features.astype(np.float32), logits=logits.astype(np.float32),
+        feature_network=extractor.name, dataset=datasets.dataset_name(config), split=split,
+        image_size=int(config.data.image_size), num_examples=len(features)))
+  logging.info('dataset statistics of %s/%s (%d examples, %s features) -> %s in %.0f s',
+               config.data.dataset, split, len(features), extractor.name, out_path, time.time() - started)
+  return out_path
+
+
+def load_reference(config, extractor: evaluation.FeatureExtractor) -> dict[str, Any]:
+  """``mu``, ``sigma``, ``features`` (or None) and ``source`` of the statistics samples are compared to.
+
+  Accepts our files (``compute_dataset_stats``), the reference's (``pool_3`` only) and pytorch-fid's
+  (``mu``, ``sigma``; no KID without features).
+  """
+  path = stats_path(config)
+  if os.path.isfile(path):
+    with np.load(path) as data:
+      if 'feature_network' in data and str(data['feature_network']) != extractor.name:
+        raise ValueError(f'{path} holds {data["feature_network"]} features, but {config.data.dataset} '
+                         f'is scored with {extractor.name}; recompute it with --mode=fid_stats.')
+      for key, ours in (('dataset', datasets.dataset_name(config)),
+                        ('image_size', int(config.data.image_size))):
+        if key in data and str(data[key]) != str(ours):
+          raise ValueError(f'{path} was computed for {key}={data[key]}, this config has {ours}; point '
+                           f'--config.eval.stats_path at matching statistics or run --mode=fid_stats.')
+      features = data['pool_3'].astype(np.float64) if 'pool_3' in data else None
+      if 'mu' in data:
+        mu, sigma = data['mu'], data['sigma']
+      elif features is not None:
+        mu, sigma = evaluation.feature_stats(features)
+      else:
+        raise ValueError(f'{path} has neither mu/sigma nor pool_3 features.')
+    if mu.shape != (extractor.feature_dim,):
+      raise ValueError(f'{path} holds {mu.shape[0]}-d statistics; {extractor.name} gives '
+                       f'{extractor.feature_dim}-d features.')
+    return {'mu': mu, 'sigma': sigma, 'features': features, 'source': path}
+  if datasets.dataset_name(config) == 'digits':
+    features, _ = dataset_features(config, 'test', extractor, show_progress=False)
+    mu, sigma = evaluation.feature_stats(features)
+    return {'mu': mu, 'sigma': sigma, 'features': features, 'source': 'digits test split (on the fly)'}
+  raise FileNotFoundError(
+      f'no dataset statistics at {path}: compute them once with `python main.py --mode=fid_stats '
+      f'--config=<this config>` (train split), or point --config.eval.stats_path at an .npz with '
+      f'mu/sigma or pool_3 of the same feature network.')
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samples of a checkpoint.
+
+
+_SAMPLERS: dict[tuple, tuple[sde_lib.SDE, sampling.Sampler]] = {}
+
+
+def _sampler(config, sde: sde_lib.SDE, shape: tuple[int, ...]) -> sampling.Sampler:
+  """The configured sampler, reused across checkpoints: its compiled program takes the weights as
+  arguments (``sampling.model_score_fn``), so only the first checkpoint compiles."""
+  key = (id(sde), shape, json.dumps(config.sampling.to_dict(), sort_keys=True),
+         bool(config.data.centered), datasets.dataset_name(config))
+  if key not in _SAMPLERS or _SAMPLERS[key][0] is not sde:
+    if len(_SAMPLERS) >= 4:
+      _SAMPLERS.clear()
+    _SAMPLERS[key] = (sde, sampling.get_sampling_fn(config, sde, shape,
+                                                    datasets.get_data_inverse_scaler(config)))
+  return _SAMPLERS[key][1]
+
+
+def sample_settings(config, extractor_name: str) -> dict[str, Any]:
+  """Everything that changes the saved rounds; a resumed run must match it."""
+  return {
+      'dataset': str(config.data.dataset),
+      'image_size': int(config.data.image_size),
+      'num_samples': int(config.eval.num_samples),
+      'batch_size': int(config.eval.batch_size),
+      'seed': int(config.seed),
+      'centered': bool(config.data.centered),
+      'sde': str(config.training.sde),
+      'sde_params': {k: config.model.get(k) for k in ('num_scales', 'sigma_min', 'sigma_max', 'beta_min',
+                                                       'beta_max')},
+      'continuous': bool(config.training.continuous),
+      'sampling': config.sampling.to_dict(),
+      'feature_network': extractor_name,
+  }
+
+
+def _open_run_dir(run_dir: str, settings: dict[str, Any]) -> None:
+  """Creates ``run_dir`` with its settings, or checks that an existing one was made with the same."""
+  path = os.path.join(run_dir, 'settings.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != settings:
+      changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+      raise ValueError(f'{run_dir} holds samples made with other settings ({changed}); delete it or '
+                       f'evaluate into another eval_dir.')
+    return
+  if jax.process_index() == 0:
+    os.makedirs(run_dir, exist_ok=True)
+    _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
+  _sync(f'open {run_dir}')
+
+
+def evaluate_samples(config, eval_dir: str, ckpt: int | str, model: nn.Module, variables: Any,
+                     sde: sde_lib.SDE, *, show_progress: bool = True) -> dict[str, Any]:
+  """FID, IS and KID of ``config.eval.num_samples`` samples of ``model`` (with ``variables``).
+
+  Returns (and writes to ``eval_dir/report_ckpt_{ckpt}.json``) ``fid``; ``is`` / ``is_std`` (10
+  splits) and ``is_single_split`` (the reference's); ``kid`` / ``kid_stderr`` (when the reference
+  statistics include features); ``nfe_mean`` / ``nfe_max`` (score evaluations per sample);
+  ``num_samples``; ``feature_network``; ``reference``; ``seconds``; and the settings.
+  """
+  _check_config(config)
+  extractor = evaluation.get_feature_extractor(config)
+  reference = load_reference(config, extractor)
+  settings = sample_settings(config, extractor.name)
+  run_dir = os.path.join(eval_dir, f'samples_ckpt_{ckpt}')
+  _open_run_dir(run_dir, settings)
+
+  num_samples, batch_size = int(config.eval.num_samples), int(config.eval.batch_size)
+  num_rounds = math.ceil(num_samples / batch_size)
+  sampler = _sampler(config, sde, (batch_size,) + tuple(datasets.data_shape(config)))
+  score_fn = sampling.model_score_fn(sde, model, variables, continuous=config.training.continuous)
+  rng = jax.random.PRNGKey(int(config.seed))
+  feature_batch = _feature_batch_size(config)
+
+  features, logits, nfes, grid = [], [], [], []
+  resumed, started, sampled, sampling_time = 0, time.time(), 0, 0.
+  progress = tqdm.tqdm(total=num_rounds, desc=f'samples ckpt {ckpt}', unit='round',
+                       disable=not show_progress or jax.process_index() != 0)
+  for r in range(num_rounds):
+    sample_file = os.path.join(run_dir, f'samples_{r}.npz')
+    stats_file = os.path.join(run_dir, f'statistics_{r}.npz')
+    keep = min(batch_size, num_samples - r * batch_size)  # rows of this round that enter the metrics
+    if os.path.exists(stats_file):
+      with np.load(stats_file) as saved:
+        f, l, nfe = saved['features'], saved['logits'], int(saved['nfe'])
+      resumed += 1
+    else:
+      round_start = time.time()
+      samples, nfe = sampler(rng, score_fn, first_index=r * batch_size)
+      nfe = int(nfe)
+      local = evaluation.to_uint8(parallel.to_host(samples))
+      f, l = _local_features(extractor, local, feature_batch)
+      # Stored (and so used) as float32, so a resumed evaluation computes from the same values.
+      f, l = f[:keep].astype(np.float32), l[:keep].astype(np.float32)
+      images = _gather(local)[:keep]
+      if jax.process_index() == 0:
+        _atomic_write(sample_file, lambda out, s=images, n=nfe: np.savez(out, samples=s, nfe=n))
+        # Written last: its presence marks the round finished.
+        _atomic_write(stats_file, lambda out, a=f, b=l, n=nfe: np.savez(out, features=a, logits=b, nfe=n))
+      _sync(f'{run_dir} round {r}')
+      sampled += 1
+      sampling_time += time.time() - round_start
+      logging.log_every_n_seconds(
+          logging.INFO, 'samples ckpt %s: round %d/%d, %.1f s/round, ETA %.0f s', 60, ckpt, r + 1,
+          num_rounds, sampling_time / sampled, (num_rounds - r - 1) * sampling_time / sampled)
+    if r == 0:
+      with np.load(sample_file) as saved:
+        grid = saved['samples'][:GRID_SIZE]
+    features.append(f)
+    logits.append(l)
+    nfes.append(nfe)
+    progress.set_postfix(nfe=nfe)
+    progress.update()
+  progress.close()
+  if resumed:
+    logging.info('samples: resumed %d of %d rounds from %s', resumed, num_rounds, run_dir)
+
+  features, logits = np.concatenate(features), np.concatenate(logits)
+  if len(features) != num_samples:
+    raise RuntimeError(f'{len(features)} samples were scored, expected {num_samples}.')
+  metrics = evaluation.quality_metrics(features, logits, reference['mu'], reference['sigma'],
+                                       reference['features'])
+  result = {
+      'ckpt': ckpt if isinstance(ckpt, int) else str(ckpt),
+      **metrics,
+      'nfe_mean': float(np.mean(nfes)),
+      'nfe_max': int(np.max(nfes)),
+      'num_samples': num_samples,
+      'feature_network': extractor.name,
+      'reference': reference['source'],
+      'seconds': round(time.time() - started, 1),
+      'settings': settings,
+  }
+  logging.info('ckpt %s: FID %.3f, IS %.3f ± %.3f (single split %.3f), KID %s (%s, %d samples)', ckpt,
+               result['fid'], result['is'], result['is_std'], result['is_single_split'],
+               f"{result['kid']:.4g} ± {result['kid_stderr']:.2g}" if 'kid' in result else 'n/a',
+               extractor.name, num_samples)
+  if jax.process_index() == 0:
+    _atomic_write(os.path.join(eval_dir, f'report_ckpt_{ckpt}.json'),
+                  lambda f: f.write(json.dumps(result, indent=2).encode()))
+    generate.save_grid(grid, os.path.join(eval_dir, f'samples_ckpt_{ckpt}.png'))
+  return result

@@ -1,0 +1,143 @@
+"""NCSN (Song & Ermon 2019) and NCSNv2 (Song & Ermon 2020): RefineNet score networks with InstanceNorm++.
+
+- ``ncsnv2_64`` (images < 96 px), ``ncsnv2_128`` (96-128 px), ``ncsnv2_256`` (129-256 px): NCSNv2
+  ("Improved Techniques for Training Score-Based Generative Models", arXiv:2006.09011) and its deeper
+  variants. Unconditional networks: the noise level enters only through the output division by σ
+  (technique 3, ``scale_by_sigma``).
+- ``ncsn``: NCSN v1 ("Generative Modeling by Estimating Gradients of the Data Distribution",
+  arXiv:1907.05600), the 64-px layout with noise-conditional InstanceNorm++ (one row of γ, α, β per
+  noise level: ``config.model.num_classes``, default ``num_scales``) in every block.
+
+A ResNet encoder (stages of two ``ResidualBlock``s; dilation instead of down-sampling in the deeper stages)
+feeds a RefineNet decoder that fuses each stage, deepest first. Labels are integer noise-level indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from models import layers
+from models import normalization
+from models import utils
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """An encoder stage: channels as a multiple of nf, first block's resampling, dilation."""
+  mult: int
+  resample: str | None
+  dilation: int
+
+
+# Encoder stages and RefineNet output widths (multiples of nf, deepest first) of each architecture, as
+# in the reference's Flax code (its PyTorch port narrows the 64-px third RefineBlock to nf; the Flax
+# widths are the ones whose parameter counts we match).
+_ARCHITECTURES = {
+    64: ((Stage(1, None, 1), Stage(2, 'down', 1), Stage(2, 'down', 2), Stage(2, 'down', 4)),
+         (2, 2, 2, 1)),
+    128: ((Stage(1, None, 1), Stage(2, 'down', 1), Stage(2, 'down', 1), Stage(4, 'down', 2),
+           Stage(4, 'down', 4)), (4, 2, 2, 1, 1)),
+    256: ((Stage(1, None, 1), Stage(2, 'down', 1), Stage(2, 'down', 1), Stage(2, 'down', 1),
+           Stage(4, 'down', 2), Stage(4, 'down', 4)), (4, 2, 2, 2, 1, 1)),
+}
+
+
+def _downsamplings(size: int) -> int:
+  return sum(1 for s in _ARCHITECTURES[size][0] if s.resample == 'down' and s.dilation == 1)
+
+
+class _RefineNet(nn.Module):
+  """The shared NCSN / NCSNv2 body; ``size`` selects the architecture, ``conditional`` NCSN v1."""
+  config: ml_collections.ConfigDict
+  size: int = 64
+  conditional: bool = False
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Activation, normalisation, and image size divisible by the encoder's down-sampling factor."""
+    layers.get_act(config)
+    normalization.get_normalization(config, conditional=cls.conditional)
+    size = int(config.data.image_size)
+    factor = 2 ** _downsamplings(cls.size)
+    if size % factor:
+      raise ValueError(f'config.data.image_size={size} must be divisible by {factor} for '
+                       f'config.model.name={config.model.name!r} (it halves the resolution '
+                       f'{_downsamplings(cls.size)} times).')
+    if cls.conditional and int(config.model.get('num_classes', config.model.num_scales)) != int(
+        config.model.num_scales):
+      raise ValueError(f'NCSN needs one embedding row per noise level: config.model.num_classes '
+                       f'({config.model.num_classes}) must equal config.model.num_scales '
+                       f'({config.model.num_scales}).')
+
+  @nn.compact
+  def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
+    del train  # No dropout in these networks.
+    config = self.config
+    m = config.model
+    nf = int(m.nf)
+    act = layers.get_act(config)
+    norm = normalization.get_normalization(config, conditional=self.conditional)
+    interpolation = str(m.get('interpolation', 'bilinear'))
+    stages, refine_mults = _ARCHITECTURES[self.size]
+    y = labels.astype(jnp.int32) if self.conditional else None
+    block = functools.partial(layers.ResidualBlock, normalization=norm, act=act,
+                              conditional=self.conditional)
+
+    h = x if config.data.centered else 2 * x - 1.
+    h = layers.ncsn_conv3x3(h, nf)
+    features = []
+    for i, stage in enumerate(stages):
+      adjust = self.size == 64 and i == len(stages) - 1 and int(config.data.image_size) == 28
+      h = block(stage.mult * nf, resample=stage.resample, dilation=stage.dilation,
+                adjust_padding=adjust)(h, y)
+      h = block(stage.mult * nf, dilation=stage.dilation)(h, y)
+      features.append(h)
+
+    refine = functools.partial(layers.RefineBlock, act=act, interpolation=interpolation,
+                               normalization=norm if self.conditional else None)
+    deepest = features[-1]
+    h = refine(deepest.shape[1:3], refine_mults[0] * nf, start=True)([deepest], y)
+    for k, skip in enumerate(reversed(features[:-1]), start=1):
+      h = refine(skip.shape[1:3], refine_mults[k] * nf, end=(k == len(features) - 1))([skip, h], y)
+
+    h = norm()(h, y) if self.conditional else norm()(h)
+    h = act(h)
+    h = layers.ncsn_conv3x3(h, x.shape[-1])
+
+    if m.get('scale_by_sigma', False):
+      sigmas = jnp.asarray(utils.get_sigmas(config))
+      h = h / sigmas[labels.astype(jnp.int32)].reshape((-1,) + (1,) * (h.ndim - 1))
+    return h
+
+
+@utils.register_model(name='ncsnv2_64')
+class NCSNv2(_RefineNet):
+  """NCSNv2 for images below 96 px (CIFAR-10, CelebA 64)."""
+  size: int = 64
+
+
+@utils.register_model(name='ncsnv2_128')
+class NCSNv2_128(_RefineNet):  # pylint: disable=invalid-name
+  """NCSNv2's deeper network for 96-128 px (one more stage, up to 4 nf channels)."""
+  size: int = 128
+
+
+@utils.register_model(name='ncsnv2_256')
+class NCSNv2_256(_RefineNet):  # pylint: disable=invalid-name
+  """NCSNv2's deeper network for 129-256 px."""
+  size: int = 256
+
+
+@utils.register_model(name='ncsn')
+class NCSN(_RefineNet):
+  """NCSN v1: the 64-px layout, every normalisation conditioned on the noise-level index."""
+  size: int = 64
+  conditional: bool = True

@@ -1,0 +1,87 @@
+"""Runs ``run_lib.train`` in its own process for tests/test_training.py and saves what it ended with.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=N python tests/training_worker.py \
+      --workdir=DIR --out=params.npz --overrides='{"training.n_iters": 60}' \
+      [--num_processes=2 --process_id=0 --port=PORT]
+
+Writes ``out`` (this process's final params and EMA params, flattened, plus the step) only when training
+returns; ``out + '.json'`` records the device count and the messages of deliberately bad configs.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_toy_config(overrides: dict):
+  """The VE toy-GMM config shrunk to a small MLP and a few dozen steps."""
+  from configs.ve import toy_gmm  # pylint: disable=import-outside-toplevel
+  config = toy_gmm.get_config()
+  config.model.nf = 32
+  config.model.num_layers = 2
+  config.model.num_scales = 20
+  config.training.batch_size = 16
+  config.training.n_iters = 60
+  config.training.n_jitted_steps = 5
+  config.training.log_freq = 10
+  config.training.eval_freq = 20
+  config.training.snapshot_freq = 30
+  config.training.snapshot_freq_for_preemption = 5
+  config.training.snapshot_sampling = False
+  config.training.snapshot_batch_size = 64
+  config.eval.batch_size = 512
+  config.optim.warmup = 10
+  config.optim.lr = 1e-2
+  config.model.ema_rate = 0.9
+  for key, value in overrides.items():
+    group, name = key.split('.')
+    config[group][name] = value
+  return config
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--overrides', default='{}')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  parser.add_argument('--port', type=int, default=0)
+  args = parser.parse_args()
+
+  import logging  # pylint: disable=import-outside-toplevel
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(filename)s] %(message)s')
+  logging.getLogger().handlers[0].addFilter(
+      lambda r: r.levelno >= logging.WARNING or 'orbax' not in r.pathname)
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if args.num_processes > 1:
+    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{args.port}',
+                               num_processes=args.num_processes, process_id=args.process_id)
+  import run_lib  # pylint: disable=import-outside-toplevel
+
+  config = tiny_toy_config(json.loads(args.overrides))
+  report = {'device_count': jax.device_count(), 'process_count': jax.process_count()}
+  bad = tiny_toy_config(json.loads(args.overrides))
+  bad.training.batch_size = jax.device_count() + 2
+  try:
+    run_lib.validate_config(bad)
+  except ValueError as e:
+    report['bad_batch_error'] = str(e)
+  with open(args.out + '.json', 'w', encoding='utf-8') as f:
+    json.dump(report, f)
+
+  state = run_lib.train(config, args.workdir)
+  flat = {}
+  for prefix, tree in (('params', state.params), ('ema', state.params_ema)):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      flat[prefix + jax.tree_util.keystr(path)] = np.asarray(leaf.addressable_data(0))  # replicated
+  flat['step'] = np.asarray(int(state.step))
+  np.savez(args.out, **flat)
+
+
+if __name__ == '__main__':
+  main()
