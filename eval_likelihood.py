@@ -115,16 +115,15 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
   _check_config(config)
   split, repeats = str(config.eval.bpd_dataset), int(config.eval.bpd_num_repeats)
   settings = bpd_settings(config)
-  run_dir = os.path.join(eval_dir, f'bpd_{split}_ckpt_{ckpt}')
-  _open_run_dir(run_dir, settings)
-
-  mesh = parallel.data_mesh()
   num_levels = int(config.data.num_levels)
   bpd_fn = likelihood.get_likelihood_fn(
       sde, datasets.get_data_inverse_scaler(config), num_levels=num_levels,
       hutchinson_type=config.eval.hutchinson_type, num_probes=config.eval.num_probes,
       rtol=config.eval.ode_rtol, atol=config.eval.ode_atol, eps=config.eval.likelihood_eps,
       method=config.eval.ode_method)
+  run_dir = os.path.join(eval_dir, f'bpd_{split}_ckpt_{ckpt}')
+  _open_run_dir(run_dir, settings)
+  mesh = parallel.data_mesh()
 
   def network_score(variables, x, t):
     return mutils.get_score_fn(sde, model, variables, train=False, continuous=True)(x, t)

@@ -166,6 +166,7 @@ class StopRequest:
 
   def __init__(self):
     self._flag = False
+    self._calls = 0
     self._multi = jax.process_count() > 1
     self._previous = None
     if not self._multi:
@@ -174,10 +175,13 @@ class StopRequest:
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self._flag = True
 
-  def __call__(self, step: int) -> bool:
+  def __call__(self) -> bool:
+    """Call once per host call on every process."""
     if self._multi:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      return bool(multihost_utils.reached_preemption_sync_point(step))
+      # The sync point is the largest id any process has reached, plus one: ids must count calls by one.
+      self._calls += 1
+      return bool(multihost_utils.reached_preemption_sync_point(self._calls))
     return self._flag
 
   def close(self) -> None:
@@ -305,7 +309,7 @@ def train(config, workdir: str) -> losses.TrainState:
         if snapshotter is not None:
           snapshotter(step, state.params_ema)
 
-      if step < n_iters and stop(step):
+      if stop() and step < n_iters:
         save_preemption(step)
         logging.info('SIGTERM: saved the preemption checkpoint at step %d; exiting', step)
         break

@@ -12,12 +12,11 @@ Lin et al. 2017 (RefineNet).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 _ACTIVATIONS = {
@@ -247,9 +246,12 @@ def check_unet_config(config, groups: Callable[[int], int], model_name: str,
 # ``normalization`` is a factory from models.normalization.get_normalization.
 
 
+INTERPOLATIONS = ('bilinear', 'nearest')
+
+
 def _resize(x: Array, shape: Sequence[int], interpolation: str) -> Array:
-  if interpolation not in ('bilinear', 'nearest'):
-    raise ValueError(f"config.model.interpolation={interpolation!r}; choose 'bilinear' or 'nearest'.")
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f'config.model.interpolation={interpolation!r}; choose one of {INTERPOLATIONS}.')
   return jax.image.resize(x, (x.shape[0], shape[0], shape[1], x.shape[-1]), interpolation)
 
 

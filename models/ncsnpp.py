@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from models import layers
 from models import layerspp
@@ -84,6 +82,7 @@ class Options:
   init_scale: float
   dropout: float
   scale_by_sigma: bool
+  labels_are_sigmas: bool
 
 
 def get_options(config: ml_collections.ConfigDict) -> Options:
@@ -111,7 +110,9 @@ def get_options(config: ml_collections.ConfigDict) -> Options:
       resamp_with_conv=bool(values['resamp_with_conv']), progressive=values['progressive'],
       progressive_input=values['progressive_input'], progressive_combine=values['progressive_combine'],
       skip_rescale=bool(values['skip_rescale']), init_scale=float(values['init_scale']),
-      dropout=float(values['dropout']), scale_by_sigma=bool(values['scale_by_sigma']))
+      dropout=float(values['dropout']), scale_by_sigma=bool(values['scale_by_sigma']),
+      labels_are_sigmas=(values['embedding_type'] == 'fourier' or (
+          config.training.get('continuous', True) and config.training.get('sde', '') == 'vesde')))
 
 
 @utils.register_model(name='ncsnpp')
@@ -138,12 +139,13 @@ class NCSNpp(nn.Module):
       raise ValueError(f'NCSN++ built for config.data.image_size={o.image_size} got images {x.shape[1:3]}.')
 
     # Time / noise-level embedding.
+    # Continuous VE labels are σ itself; otherwise they index the descending σ table (the reference
+    # indexes the table whenever the embedding is positional, which is wrong for continuous VE labels).
+    used_sigmas = time_cond if o.labels_are_sigmas else sigmas[time_cond.astype(jnp.int32)]
     if o.embedding_type == 'fourier':
-      used_sigmas = time_cond
       temb = layerspp.GaussianFourierProjection(embedding_size=o.nf, scale=o.fourier_scale)(
           jnp.log(time_cond))
     else:
-      used_sigmas = sigmas[time_cond.astype(jnp.int32)]
       temb = layers.get_timestep_embedding(time_cond, o.nf)
     if o.conditional:
       temb = nn.Dense(o.nf * 4, kernel_init=layers.default_init())(temb)

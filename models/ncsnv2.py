@@ -65,6 +65,9 @@ class _RefineNet(nn.Module):
     """Activation, normalisation, and image size divisible by the encoder's down-sampling factor."""
     layers.get_act(config)
     normalization.get_normalization(config, conditional=cls.conditional)
+    interpolation = config.model.get('interpolation', 'bilinear')
+    if interpolation not in layers.INTERPOLATIONS:
+      raise ValueError(f'config.model.interpolation={interpolation!r}; choose one of {layers.INTERPOLATIONS}.')
     size = int(config.data.image_size)
     factor = 2 ** _downsamplings(cls.size)
     if size % factor:

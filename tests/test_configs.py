@@ -144,6 +144,7 @@ def test_reference_defects_are_fixed():
     ('vp/ddpm/cifar10', 'model.nf', 48, 'config.model.nf'),
     ('ve/ncsnv2/bedroom', 'data.image_size', 30, 'config.data.image_size'),
     ('ve/ncsn/cifar10', 'model.normalization', 'GroupNorm', 'config.model.normalization'),
+    ('ve/ncsnv2/cifar10', 'model.interpolation', 'bicubic', 'config.model.interpolation'),
     ('ve/cifar10_ncsnpp', 'model.embedding_type', 'fourier', 'embedding_type'),
     ('ve/cifar10_ncsnpp', 'model.resblock_type', 'resnet', 'config.model.resblock_type'),
 ])

@@ -278,14 +278,19 @@ def test_ncsnpp_variants_forward_backward(variant):
 
 
 def test_ncsnpp_dropout_centering_and_scale_by_sigma():
-  """Dropout acts only in training; [0,1] data is mapped to 2x-1 inside; scale_by_sigma divides by σ[label]."""
+  """Dropout acts only in training; [0,1] data is mapped to 2x-1 inside; scale_by_sigma divides by σ:
+  σ[label] for discrete labels, the label itself for continuous VE (where labels are σ)."""
   config = tiny_config('ncsnpp', resblock_type='ddpm', fir=False, progressive='none',
                        progressive_input='none', embedding_type='positional')
+  config.training.continuous = False
   centered = config.copy_and_resolve_references()
   centered.data.centered = True
   scaled = config.copy_and_resolve_references()
   scaled.model.scale_by_sigma = True
-  model, model_centered, model_scaled = map(utils.create_model, (config, centered, scaled))
+  scaled_continuous = scaled.copy_and_resolve_references()
+  scaled_continuous.training.continuous = True
+  model, model_centered, model_scaled, model_scaled_continuous = map(
+      utils.create_model, (config, centered, scaled, scaled_continuous))
   x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
   labels = jnp.array([1, 7])
   variables = random_variables(model, x, labels)
@@ -293,14 +298,17 @@ def test_ncsnpp_dropout_centering_and_scale_by_sigma():
   def outputs(v, x):
     train = [model.apply(v, x, labels, train=True, rngs={'dropout': jax.random.key(s)}) for s in (0, 1)]
     return (model.apply(v, x, labels, train=False), train,
-            model_centered.apply(v, 2 * x - 1, labels, train=False), model_scaled.apply(v, x, labels, train=False))
+            model_centered.apply(v, 2 * x - 1, labels, train=False), model_scaled.apply(v, x, labels, train=False),
+            model_scaled_continuous.apply(v, x, labels.astype(jnp.float32), train=False))
 
-  base, train, out_centered, out_scaled = compiled(outputs, variables, x)(variables, x)
+  base, train, out_centered, out_scaled, out_scaled_continuous = compiled(outputs, variables, x)(variables, x)
   assert float(jnp.max(jnp.abs(train[0] - train[1]))) > 0
   assert float(jnp.max(jnp.abs(train[0] - base))) > 0
   np.testing.assert_allclose(out_centered, base, rtol=1e-5, atol=1e-6)
   sigmas = utils.get_sigmas(config)[np.array([1, 7])]
   np.testing.assert_allclose(out_scaled, base / sigmas[:, None, None, None], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out_scaled_continuous, base / np.array([1., 7.])[:, None, None, None],
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_ddpm_forward_backward():
