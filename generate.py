@@ -3,8 +3,8 @@
 Samples ``num_samples`` images in rounds of ``config.eval.batch_size`` with the sampler configured in
 ``config.sampling`` (``sampling.get_sampling_fn``), each round continuing the per-sample seed sequence,
 so sample i is the same whatever the batch size or device count (see ``sampling``). Writes
-``samples_<round>.npz`` (key ``samples``: uint8 NHWC images, or float32 points for toy data) and a PNG grid
-of the first samples.
+``samples_<round>.npz`` (key ``samples``: uint8 NHWC images, or float32 points for toy data) and a PNG
+grid of the first samples.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def image_grid(images: np.ndarray, padding: int = 2) -> np.ndarray:
-  """uint8 images (n, H, W, C) tiled into one (rows·(H+p)+p, cols·(W+p)+p, C) image, as square as fits."""
+  """uint8 images (n, H, W, C) tiled into one (rows·(H+p)+p, cols·(W+p)+p, C) image, near square."""
   n, h, w, c = images.shape
   cols = math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
@@ -69,7 +69,8 @@ def generate(config, workdir: str, checkpoint: str | int | None = None, out_dir:
     out_dir: where to write; default ``workdir/samples/ckpt_<step>``.
     num_samples: how many; default ``config.eval.num_samples``.
     batch_size: samples per round (global); default ``config.eval.batch_size``.
-    grid_size: how many of the first samples go into the PNG.
+    grid_size: how many of the first samples go into the PNG (toy data: a scatter of up to 100x as
+      many points).
 
   Returns:
     ``out_dir``.
@@ -92,24 +93,28 @@ def generate(config, workdir: str, checkpoint: str | int | None = None, out_dir:
   inverse_scaler = None if toy else datasets.get_data_inverse_scaler(config)
   sampler = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, config.sampling.eps)
 
-  out_dir = out_dir or os.path.join(workdir, 'samples', f'ckpt_{step}')
+  tag = f'ckpt_{step}' if step is not None else os.path.splitext(os.path.basename(str(checkpoint)))[0]
+  out_dir = out_dir or os.path.join(workdir, 'samples', tag)
   os.makedirs(out_dir, exist_ok=True)
   rng = jax.random.PRNGKey(config.seed)
   rounds = math.ceil(num_samples / batch_size)
-  logging.info('Sampling %d samples in %d rounds of %d from step %d (%s) into %s.', num_samples,
+  logging.info('Sampling %d samples in %d rounds of %d from step %s (%s) into %s.', num_samples,
                rounds, batch_size, step, config.sampling.method, out_dir)
-  kept = []
+  kept, keep = [], grid_size * (100 if toy else 1)
   for r in tqdm.trange(rounds, desc='sampling rounds', unit='round'):
     samples, nfe = sampler(rng, score_fn, first_index=r * batch_size)
-    samples = parallel.to_host(samples)[:num_samples - r * batch_size]
+    # This process's rows are global rows [first, first + local) of the round; drop those past the end.
+    first = r * batch_size + jax.process_index() * (batch_size // jax.process_count())
+    samples = parallel.to_host(samples)[:max(num_samples - first, 0)]
     samples = samples.astype(np.float32) if toy else to_uint8(samples)
-    np.savez_compressed(os.path.join(out_dir, f'samples_{r}.npz'), samples=samples)
-    if sum(len(k) for k in kept) < grid_size:
+    # Each process writes its own rows (one file per round and process on multi-host runs).
+    suffix = f'_process_{jax.process_index()}' if jax.process_count() > 1 else ''
+    np.savez_compressed(os.path.join(out_dir, f'samples_{r}{suffix}.npz'), samples=samples)
+    if sum(len(k) for k in kept) < keep:
       kept.append(samples)
     logging.info('round %d/%d: %d samples, %d score evaluations each.', r + 1, rounds, len(samples),
                  nfe)
   if jax.process_index() == 0:
-    first = np.concatenate(kept)[:grid_size]
     grid_path = os.path.join(out_dir, 'samples.png')
-    (save_scatter if toy else save_grid)(first, grid_path)
+    (save_scatter if toy else save_grid)(np.concatenate(kept)[:keep], grid_path)
   return out_dir

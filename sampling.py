@@ -121,9 +121,10 @@ _CORRECTORS: dict[str, type[Corrector]] = {}
 def register_predictor(name: str):
   """Class decorator: makes a ``Predictor`` subclass available under ``name``."""
   def register(cls):
-    if name in _PREDICTORS and _PREDICTORS[name] is not cls:
-      raise ValueError(f'a predictor named {name!r} is already registered ({_PREDICTORS[name].__name__}).')
-    _PREDICTORS[name] = cls
+    if name.lower() in _PREDICTORS and _PREDICTORS[name.lower()] is not cls:
+      raise ValueError(f'a predictor named {name!r} is already registered '
+                       f'({_PREDICTORS[name.lower()].__name__}).')
+    _PREDICTORS[name.lower()] = cls
     return cls
   return register
 
@@ -131,9 +132,10 @@ def register_predictor(name: str):
 def register_corrector(name: str):
   """Class decorator: makes a ``Corrector`` subclass available under ``name``."""
   def register(cls):
-    if name in _CORRECTORS and _CORRECTORS[name] is not cls:
-      raise ValueError(f'a corrector named {name!r} is already registered ({_CORRECTORS[name].__name__}).')
-    _CORRECTORS[name] = cls
+    if name.lower() in _CORRECTORS and _CORRECTORS[name.lower()] is not cls:
+      raise ValueError(f'a corrector named {name!r} is already registered '
+                       f'({_CORRECTORS[name.lower()].__name__}).')
+    _CORRECTORS[name.lower()] = cls
     return cls
   return register
 
@@ -215,9 +217,9 @@ class NonePredictor(Predictor):
 
 
 def _langevin_alpha(sde: sde_lib.SDE, t: Array) -> Array:
-  """The reference's α_i = 1 - β_i of the DDPM schedule for VP and sub-VP (eq. 47 of the paper's
-  Alg. 5), 1 for VE. Sub-VP has no discrete table of its own; the reference looked up ``sde.alphas``,
-  which its subVPSDE lacks, so we use the VP schedule with the same β range."""
+  """The reference's α_i = 1 - β_i of the DDPM schedule for VP and sub-VP (the paper's Alg. 5), 1 for
+  VE. Sub-VP has no discrete table of its own; the reference looked up ``sde.alphas``, which its
+  subVPSDE lacks (an AttributeError), so we use the VP schedule with the same β range."""
   if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
     index = _timestep_index(sde, t)
     beta = (sde.beta_0 + index * (sde.beta_1 - sde.beta_0) / max(sde.N - 1, 1)) / sde.N
@@ -375,7 +377,8 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
 
   From x ~ p_T, at each t of linspace(T, eps, N) (N = sde.N): ``corrector`` then ``predictor`` (the
   reference's order). Returns ``inverse_scaler`` of the last predictor's noise-free mean when
-  ``denoise`` (Tweedie-like noise removal of the last step), else of the last sample.
+  ``denoise`` (the reference's noise removal: the last step without its noise), else of the last
+  sample.
 
   Args:
     sde: the forward SDE; ``sde.N`` sets the number of steps.
@@ -427,8 +430,8 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
   nfe = sde.N * (predictor_obj.nfe + corrector_obj.nfe)
 
   def sampler(rng: Array, score_fn: ScoreFn, first_index: int = 0) -> tuple[Array, int]:
-    score_tree = base.replicate(_as_pytree(score_fn))
-    return run(rng, score_tree, jnp.uint32(first_index)), nfe
+    rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
+    return run(rng, score_tree, first), nfe
 
   return sampler
 
@@ -439,9 +442,10 @@ _ODE_SOLVERS = {'dopri5': diffrax.Dopri5, 'tsit5': diffrax.Tsit5}
 
 def ode_nfe(num_steps: Array) -> Array:
   """Vector-field evaluations of a ``_ODE_SOLVERS`` solve with a ``PIDController`` and ``dt0=None``:
-  two for the controller's initial step selection (Hairer et al., Solving ODEs I, II.4), one for the
-  first stage at t0, then six per attempted step (the 7th stage is the next step's first)."""
-  return 3 + 6 * num_steps
+  one at (t0, y0), shared by the controller's initial-step heuristic and the first stage, then six per
+  attempted step (seven stages, the last being the next step's first). Checked against a counting
+  score function in tests/test_sampling.py."""
+  return 1 + 6 * num_steps
 
 
 def get_ode_sampler(sde: sde_lib.SDE, shape, rtol: float = 1e-5, atol: float = 1e-5,
@@ -514,8 +518,8 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, rtol: float = 1e-5, atol: float = 1
               first_index: int = 0) -> tuple[Array, int]:
     if z is not None and tuple(z.shape) != shape:
       raise ValueError(f'z has shape {tuple(z.shape)}; the sampler was built for {shape}.')
-    score_tree = base.replicate(_as_pytree(score_fn))
-    x, nfe = run(rng, score_tree, z, jnp.uint32(first_index))
+    rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
+    x, nfe = run(rng, score_tree, z, first)
     return x, int(nfe)
 
   return sampler

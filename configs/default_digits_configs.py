@@ -18,7 +18,7 @@ def get_default_configs():
   training.log_freq = 50
   training.eval_freq = 250
   training.snapshot_freq_for_preemption = 250
-  training.n_jitted_steps = 5
+  training.n_jitted_steps = 1  # on CPU each extra step per call costs a full compile (run_lib unrolls)
   training.snapshot_batch_size = 64  # ours: samples drawn at each snapshot (an 8x8 grid)
 
   sampling = config.sampling

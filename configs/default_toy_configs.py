@@ -18,7 +18,7 @@ def get_default_configs():
   training.log_freq = 100
   training.eval_freq = 500
   training.snapshot_freq_for_preemption = 500
-  training.n_jitted_steps = 10
+  training.n_jitted_steps = 5
   training.snapshot_batch_size = 2048  # ours: samples drawn at each snapshot
   training.reduce_mean = True
 

@@ -106,7 +106,7 @@ def get_options(config: ml_collections.ConfigDict) -> Options:
       centered=bool(config.data.centered), conditional=bool(values['conditional']),
       embedding_type=values['embedding_type'], fourier_scale=float(values['fourier_scale']),
       resblock_type=values['resblock_type'], fir=bool(values['fir']),
-      fir_kernel=tuple(int(k) for k in values['fir_kernel']),
+      fir_kernel=tuple(float(k) for k in values['fir_kernel']),
       resamp_with_conv=bool(values['resamp_with_conv']), progressive=values['progressive'],
       progressive_input=values['progressive_input'], progressive_combine=values['progressive_combine'],
       skip_rescale=bool(values['skip_rescale']), init_scale=float(values['init_scale']),

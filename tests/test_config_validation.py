@@ -30,8 +30,8 @@ def _set(config, key, value):
     ('ve/toy_gmm', {'sampling.predictor': 'leapfrog'}, r"leapfrog.*reverse_diffusion"),
     ('ve/toy_gmm', {'sampling.corrector': 'hmc'}, r"hmc.*langevin"),
     ('ve/toy_gmm', {'sampling.method': 'magic'}, r"config.sampling.method='magic' is not known"),
-    ('ve/toy_gmm', {'training.log_freq': 15}, r'config.training.log_freq=15 must be divisible by '
-                                              r'config.training.n_jitted_steps=10'),
+    ('ve/toy_gmm', {'training.log_freq': 12}, r'config.training.log_freq=12 must be divisible by '
+                                              r'config.training.n_jitted_steps=5'),
     ('ve/toy_gmm', {'training.snapshot_freq_for_preemption': 0}, r'snapshot_freq_for_preemption=0 must be '
                                                                  'a positive'),
     ('ve/toy_gmm', {'training.n_jitted_steps': 0}, r'n_jitted_steps=0 must be a positive integer'),
