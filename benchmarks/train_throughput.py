@@ -71,7 +71,8 @@ def benchmark(config, calls: int) -> dict[str, float]:
     timed.append(time.perf_counter() - start)
   seconds_per_step = float(np.median(timed)) / n
   return {'params': mutils.param_count(variables), 'compile_s': compile_and_first,
-          'steps_per_s': 1. / seconds_per_step, 'examples_per_s': config.training.batch_size / seconds_per_step,
+          'steps_per_s': 1. / seconds_per_step,
+          'examples_per_s': config.training.batch_size / seconds_per_step,
           'loss': float(np.asarray(metrics['loss'])[-1])}
 
 

@@ -54,7 +54,7 @@ def test_fourier_features_are_frozen_and_positional_labels_work():
 
 def test_training_learns_the_exact_score(tmp_path):
   """2000 steps of the VP toy config: the EMA network's score at t in {0.1, 0.3, 0.6} has relative mean
-  squared error E‖s_θ − s*‖² / E‖s*‖² below 5% on samples of the marginal."""
+  squared error E‖s_θ − s*‖² / E‖s*‖² below 2% on samples of the marginal (measured 0.5%, 0.3%, 0.04%)."""
   config = vp_toy.get_config()
   config.training.snapshot_sampling = False
   config.training.n_iters = 2000
@@ -70,4 +70,4 @@ def test_training_learns_the_exact_score(tmp_path):
     tt = jnp.full((x.shape[0],), t)
     s_true = exact(x, tt)
     errors[t] = float(jnp.mean(jnp.sum((score(x, tt) - s_true)**2, -1)) / jnp.mean(jnp.sum(s_true**2, -1)))
-  assert max(errors.values()) < 0.05, errors
+  assert max(errors.values()) < 0.02, errors

@@ -147,7 +147,8 @@ def test_sigterm_saves_and_kill9_resumes_exactly(reference, tmp_path):
   stopped_at = int(stopped['step'])
   assert 0 < stopped_at < 60
   assert _meta_steps(workdir) == [stopped_at]
-  assert f'saved the preemption checkpoint at step {stopped_at}' in pathlib.Path(str(out) + '.log').read_text()
+  log = pathlib.Path(str(out) + '.log').read_text()
+  assert f'saved the preemption checkpoint at step {stopped_at}' in log
 
   proc = _start(workdir, out)
   killed_after = _wait_for_checkpoint(workdir / 'checkpoints-meta', stopped_at, proc)
