@@ -9,6 +9,7 @@ require max |ours - theirs| / max |theirs| <= 1e-4 (float32; achieved ~1e-6 on a
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -85,3 +86,14 @@ def test_unsupported_model_is_a_clear_error():
   config.model.name = 'ncsnv2_64'
   with pytest.raises(ValueError, match='config.model.name'):
     torch_port.load_score_sde_pytorch(path, config)
+
+
+def test_checkpointing_imports_pth_files_through_the_port():
+  """`--checkpoint=path.pth` (checkpointing.load_variables) gives the port's EMA variables, step None."""
+  import checkpointing  # pylint: disable=import-outside-toplevel
+  _, config, path = _load_case('ddpm_vp_discrete')
+  variables, step = checkpointing.load_variables(config, checkpoint=path)
+  expected = torch_port.load_score_sde_pytorch(path, config, ema=True)
+  assert step is None
+  for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(got, want)

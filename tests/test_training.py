@@ -6,8 +6,9 @@ processes on 127.0.0.1, and killed/terminated mid-run and resumed, and compares 
 - 1 vs 4 devices, same global batch: equal to within a relative error of 1e-5 (float32 reductions are
   re-associated across devices; measured ~1.5e-6);
 - two processes: bit-identical on both processes, and within 1e-5 of the one-process run;
-- SIGTERM saves and exits 0; SIGKILL then resume: bit-identical to the uninterrupted run (same device
-  count, same compiled program, same data and keys).
+- SIGTERM saves and exits 0 (with two processes, a SIGTERM to one stops both at the same step);
+  SIGKILL then resume: bit-identical to the uninterrupted run (same device count, same compiled
+  program, same data and keys).
 """
 
 import json
@@ -209,3 +210,21 @@ def test_evaluate_and_load_variables(reference):
     assert summary['mean_loss'] == pytest.approx(float(np.mean(saved['all_losses'])), rel=1e-5)
   with pytest.raises(FileNotFoundError, match='checkpoint 7 not found'):
     checkpointing.load_variables(config, str(workdir), checkpoint=7)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_sigterm_to_one_stops_both_at_the_same_step(tmp_path):
+  """JAX's preemption sync point: SIGTERM reaches process 0 only; both save at the same step, exit 0."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'work'
+  procs = [_start(workdir, tmp_path / f'params{i}.npz', overrides={'training.n_iters': 400},
+                  extra=('--num_processes=2', f'--process_id={i}', f'--port={port}')) for i in range(2)]
+  _wait_for_checkpoint(workdir / 'checkpoints-meta', 0, procs[1])
+  procs[0].send_signal(signal.SIGTERM)
+  outs = [_finish(p, tmp_path / f'params{i}.npz') for i, p in enumerate(procs)]
+  stopped_at = int(outs[0]['step'])
+  assert 0 < stopped_at < 400
+  _assert_identical(outs[0], outs[1])
+  assert _meta_steps(workdir) == [stopped_at]
