@@ -1,4 +1,4 @@
-"""NCSN++ (small, DDPM++-style positional embedding) on 16x16 digits, continuous sub-VP SDE."""
+"""NCSN++ (small, DDPM++-style positional embedding) on 8x8 digits, continuous sub-VP SDE."""
 
 from configs.default_digits_configs import get_default_configs
 
