@@ -5,13 +5,21 @@ VENV ?= .venv
 WORKDIR ?= runs/digits_ve
 CONFIG ?= configs/ve/digits_ncsnpp_continuous.py
 
-.PHONY: env demo test clean
+.PHONY: env env-test demo test clean
 
 env: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+# Optional: torch and pytorch-fid for the cross-implementation tests (they skip without them).
+# On a machine with a GPU, pip would fetch a large CUDA build of torch; CI here takes the CPU wheel.
+env-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+	$(VENV)/bin/pip install -q -r requirements-test.txt
 	touch $@
 
 demo: env

@@ -27,13 +27,13 @@ from typing import Any
 from absl import logging
 import flax.linen as nn
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
 import datasets
 import likelihood
 import parallel
+import resumable
 import sde_lib
 from models import utils as mutils
 
@@ -71,36 +71,6 @@ def _check_config(config) -> None:
   parallel.check_batch_size(int(config.eval.batch_size), 'config.eval.batch_size')
 
 
-def _open_run_dir(run_dir: str, settings: dict[str, Any]) -> None:
-  """Creates ``run_dir`` with its settings, or checks that an existing one was made with the same."""
-  path = os.path.join(run_dir, 'settings.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved != settings:
-      changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-      raise ValueError(f'{run_dir} holds partial bits/dim results made with other settings ({changed}); '
-                       f'delete it or evaluate into another eval_dir.')
-    return
-  if jax.process_index() == 0:
-    os.makedirs(run_dir, exist_ok=True)
-    _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
-
-
-def _atomic_write(path: str, write) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    write(f)
-  os.replace(tmp, path)
-
-
-def _gather(x) -> np.ndarray:
-  """All processes' rows of a batch (a sharded global array or this process's numpy rows)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, variables: Any,
                  sde: sde_lib.SDE, *, show_progress: bool = True) -> dict[str, Any]:
   """Bits/dim of ``model`` (with ``variables``, e.g. the EMA weights) on ``config.eval.bpd_dataset``.
@@ -122,7 +92,7 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
       rtol=config.eval.ode_rtol, atol=config.eval.ode_atol, eps=config.eval.likelihood_eps,
       method=config.eval.ode_method)
   run_dir = os.path.join(eval_dir, f'bpd_{split}_ckpt_{ckpt}')
-  _open_run_dir(run_dir, settings)
+  resumable.open_run_dir(run_dir, settings, 'partial bits/dim results')
   mesh = parallel.data_mesh()
 
   def network_score(variables, x, t):
@@ -148,10 +118,10 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
         levels = likelihood.levels_from_unit_interval(batch['image'], num_levels)
         rng = jax.random.fold_in(jax.random.fold_in(base_rng, repeat), index)
         bpd, _, nfe = bpd_fn(rng, score_fn, parallel.shard_batch(mesh, levels))
-        mask = _gather(batch['mask'])
-        bpd, nfe = _gather(bpd)[mask], _gather(nfe)[mask]
+        mask = parallel.gather(batch['mask'])
+        bpd, nfe = parallel.gather(bpd)[mask], parallel.gather(nfe)[mask]
         if jax.process_index() == 0:
-          _atomic_write(path, lambda f, b=bpd, n=nfe: np.savez(f, bpd=b, nfe=n))
+          resumable.atomic_write(path, lambda f, b=bpd, n=nfe: np.savez(f, bpd=b, nfe=n))
       bpds[repeat].append(bpd)
       nfes.append(nfe)
       running = np.concatenate([b for rows in bpds for b in rows])
@@ -187,6 +157,6 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
   logging.info('bits/dim %s ckpt %s: %.4f ± %.4f (%d examples × %d repeats, mean NFE %.1f)', split,
                ckpt, result['bpd'], result['bpd_stderr'], n, repeats, result['nfe_mean'])
   if jax.process_index() == 0:
-    _atomic_write(os.path.join(eval_dir, f'bpd_{split}_ckpt_{ckpt}.json'),
-                  lambda f: f.write(json.dumps(result, indent=2).encode()))
+    resumable.atomic_write(os.path.join(eval_dir, f'bpd_{split}_ckpt_{ckpt}.json'),
+                           lambda f: f.write(json.dumps(result, indent=2).encode()))
   return result

@@ -31,14 +31,14 @@ from typing import Any
 from absl import logging
 import flax.linen as nn
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
 import datasets
 import evaluation
-import generate
+import images
 import parallel
+import resumable
 import sampling
 import sde_lib
 
@@ -71,31 +71,11 @@ def _check_config(config) -> None:
   parallel.check_batch_size(int(config.eval.batch_size), 'config.eval.batch_size')
 
 
-def _atomic_write(path: str, write) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    write(f)
-  os.replace(tmp, path)
-
-
-def _gather(x: np.ndarray) -> np.ndarray:
-  """Every process's rows (equal counts), concatenated in process order."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _sync(name: str) -> None:
-  """Waits for every process (host 0 writes the files the others read)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def _local_features(extractor: evaluation.FeatureExtractor, images: np.ndarray,
                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Features of this process's rows, gathered over processes (all processes hold all rows after)."""
   features, logits = evaluation.compute_features(extractor, images, batch_size)
-  return _gather(features), _gather(logits)
+  return parallel.gather(features), parallel.gather(logits)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,8 +91,8 @@ def dataset_features(config, split: str, extractor: evaluation.FeatureExtractor,
   for batch in tqdm.tqdm(datasets.get_eval_iterator(config, split, uniform_dequantization=False),
                          total=total, desc=f'features {config.data.dataset}/{split}', unit='batch',
                          disable=not show_progress or jax.process_index() != 0):
-    f, l = _local_features(extractor, evaluation.to_uint8(batch['image']), batch_size)
-    mask = _gather(batch['mask'])
+    f, l = _local_features(extractor, images.to_uint8(batch['image']), batch_size)
+    mask = parallel.gather(batch['mask'])
     feats.append(f[mask])
     logits.append(l[mask])
   return np.concatenate(feats), np.concatenate(logits)
@@ -133,7 +113,7 @@ def compute_dataset_stats(config, out_path: str = '', split: str = 'train') -> s
   mu, sigma = evaluation.feature_stats(features)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    _atomic_write(out_path, lambda f: np.savez(
+    resumable.atomic_write(out_path, lambda f: np.savez(
         f, mu=mu, sigma=sigma, pool_3=features.astype(np.float32), logits=logits.astype(np.float32),
         feature_network=extractor.name, dataset=datasets.dataset_name(config), split=split,
         image_size=int(config.data.image_size), num_examples=len(features)))
@@ -218,23 +198,6 @@ def sample_settings(config, extractor_name: str) -> dict[str, Any]:
   }
 
 
-def _open_run_dir(run_dir: str, settings: dict[str, Any]) -> None:
-  """Creates ``run_dir`` with its settings, or checks that an existing one was made with the same."""
-  path = os.path.join(run_dir, 'settings.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved != settings:
-      changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-      raise ValueError(f'{run_dir} holds samples made with other settings ({changed}); delete it or '
-                       f'evaluate into another eval_dir.')
-    return
-  if jax.process_index() == 0:
-    os.makedirs(run_dir, exist_ok=True)
-    _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
-  _sync(f'open {run_dir}')
-
-
 def evaluate_samples(config, eval_dir: str, ckpt: int | str, model: nn.Module, variables: Any,
                      sde: sde_lib.SDE, *, show_progress: bool = True) -> dict[str, Any]:
   """FID, IS and KID of ``config.eval.num_samples`` samples of ``model`` (with ``variables``).
@@ -249,7 +212,7 @@ def evaluate_samples(config, eval_dir: str, ckpt: int | str, model: nn.Module, v
   reference = load_reference(config, extractor)
   settings = sample_settings(config, extractor.name)
   run_dir = os.path.join(eval_dir, f'samples_ckpt_{ckpt}')
-  _open_run_dir(run_dir, settings)
+  resumable.open_run_dir(run_dir, settings, 'samples')
 
   num_samples, batch_size = int(config.eval.num_samples), int(config.eval.batch_size)
   num_rounds = math.ceil(num_samples / batch_size)
@@ -274,16 +237,17 @@ def evaluate_samples(config, eval_dir: str, ckpt: int | str, model: nn.Module, v
       round_start = time.time()
       samples, nfe = sampler(rng, score_fn, first_index=r * batch_size)
       nfe = int(nfe)
-      local = evaluation.to_uint8(parallel.to_host(samples))
+      local = images.to_uint8(parallel.to_host(samples))
       f, l = _local_features(extractor, local, feature_batch)
       # Stored (and so used) as float32, so a resumed evaluation computes from the same values.
       f, l = f[:keep].astype(np.float32), l[:keep].astype(np.float32)
-      images = _gather(local)[:keep]
+      kept = parallel.gather(local)[:keep]
       if jax.process_index() == 0:
-        _atomic_write(sample_file, lambda out, s=images, n=nfe: np.savez(out, samples=s, nfe=n))
+        resumable.atomic_write(sample_file, lambda out, s=kept, n=nfe: np.savez(out, samples=s, nfe=n))
         # Written last: its presence marks the round finished.
-        _atomic_write(stats_file, lambda out, a=f, b=l, n=nfe: np.savez(out, features=a, logits=b, nfe=n))
-      _sync(f'{run_dir} round {r}')
+        resumable.atomic_write(stats_file, lambda out, a=f, b=l, n=nfe: np.savez(
+            out, features=a, logits=b, nfe=n))
+      parallel.sync(f'{run_dir} round {r}')
       sampled += 1
       sampling_time += time.time() - round_start
       logging.log_every_n_seconds(
@@ -322,7 +286,7 @@ def evaluate_samples(config, eval_dir: str, ckpt: int | str, model: nn.Module, v
                f"{result['kid']:.4g} ± {result['kid_stderr']:.2g}" if 'kid' in result else 'n/a',
                extractor.name, num_samples)
   if jax.process_index() == 0:
-    _atomic_write(os.path.join(eval_dir, f'report_ckpt_{ckpt}.json'),
-                  lambda f: f.write(json.dumps(result, indent=2).encode()))
-    generate.save_grid(grid, os.path.join(eval_dir, f'samples_ckpt_{ckpt}.png'))
+    resumable.atomic_write(os.path.join(eval_dir, f'report_ckpt_{ckpt}.json'),
+                           lambda f: f.write(json.dumps(result, indent=2).encode()))
+    images.save_grid(grid, os.path.join(eval_dir, f'samples_ckpt_{ckpt}.png'))
   return result

@@ -24,15 +24,6 @@ import numpy as np
 Features = tuple[np.ndarray, np.ndarray]  # (pool features (N, D), logits (N, K))
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """Images in [0, 1] → uint8 in [0, 255], rounding to the nearest level.
-
-  The reference truncates (``astype(uint8)`` of x·255), which biases every generated pixel by −½ level
-  relative to the data; rounding is unbiased and exact for 8-bit data that went through x/255.
-  """
-  return np.clip(np.round(np.asarray(images, np.float64) * 255.), 0, 255).astype(np.uint8)
-
-
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
   features = np.asarray(features, np.float64)

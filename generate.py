@@ -15,46 +15,13 @@ import os
 from absl import logging
 import jax
 import numpy as np
-from PIL import Image
 import tqdm
 
 import datasets
+import images
 import parallel
 import sampling
 import sde_lib
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[0, 1] floats to uint8, rounding to the nearest of the 256 levels."""
-  return np.clip(np.round(np.asarray(images) * 255.), 0, 255).astype(np.uint8)
-
-
-def image_grid(images: np.ndarray, padding: int = 2) -> np.ndarray:
-  """uint8 images (n, H, W, C) tiled into one (rows·(H+p)+p, cols·(W+p)+p, C) image, near square."""
-  n, h, w, c = images.shape
-  cols = math.ceil(math.sqrt(n))
-  rows = math.ceil(n / cols)
-  grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
-  for i, image in enumerate(images):
-    r, k = divmod(i, cols)
-    top, left = padding + r * (h + padding), padding + k * (w + padding)
-    grid[top:top + h, left:left + w] = image
-  return grid
-
-
-def save_grid(images: np.ndarray, path: str) -> None:
-  grid = image_grid(images)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-
-
-def save_scatter(points: np.ndarray, path: str, size: int = 512) -> None:
-  """2-D toy samples as a black-on-white scatter PNG (no plotting dependency)."""
-  points = np.asarray(points, np.float64)[:, :2]
-  lo, hi = points.min(0), points.max(0)
-  pixels = ((points - lo) / np.maximum(hi - lo, 1e-12) * (size - 1)).astype(int)
-  canvas = np.full((size, size), 255, np.uint8)
-  canvas[size - 1 - pixels[:, 1], pixels[:, 0]] = 0
-  Image.fromarray(canvas).save(path)
 
 
 def generate(config, workdir: str, checkpoint: str | int | None = None, out_dir: str | None = None,
@@ -106,7 +73,7 @@ def generate(config, workdir: str, checkpoint: str | int | None = None, out_dir:
     # This process's rows are global rows [first, first + local) of the round; drop those past the end.
     first = r * batch_size + jax.process_index() * (batch_size // jax.process_count())
     samples = parallel.to_host(samples)[:max(num_samples - first, 0)]
-    samples = samples.astype(np.float32) if toy else to_uint8(samples)
+    samples = samples.astype(np.float32) if toy else images.to_uint8(samples)
     # Each process writes its own rows (one file per round and process on multi-host runs).
     suffix = f'_process_{jax.process_index()}' if jax.process_count() > 1 else ''
     np.savez_compressed(os.path.join(out_dir, f'samples_{r}{suffix}.npz'), samples=samples)
@@ -116,5 +83,5 @@ def generate(config, workdir: str, checkpoint: str | int | None = None, out_dir:
                  nfe)
   if jax.process_index() == 0:
     grid_path = os.path.join(out_dir, 'samples.png')
-    (save_scatter if toy else save_grid)(np.concatenate(kept)[:keep], grid_path)
+    (images.save_scatter if toy else images.save_grid)(np.concatenate(kept)[:keep], grid_path)
   return out_dir

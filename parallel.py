@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -65,9 +66,32 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
 
 
 def to_host(x: jax.Array) -> np.ndarray:
-  """This process's view of a (possibly multi-process) array as numpy: the global value when it is
-  fully addressable, else the process's own rows."""
+  """This process's view of a (possibly multi-process) array as numpy.
+
+  The global value when the array is fully addressable or fully replicated (any one shard holds it
+  all); otherwise this process's rows of a batch-sharded array, in order. Several of a process's
+  devices can hold the same rows (a mesh axis the batch is not split over), so each distinct row block
+  is taken once.
+  """
   if x.is_fully_addressable:
     return np.asarray(x)
-  return np.concatenate([np.asarray(s.data) for s in sorted(
-      x.addressable_shards, key=lambda s: s.index[0].start or 0)], axis=0)
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  blocks = {}
+  for shard in x.addressable_shards:
+    blocks.setdefault(shard.index[0].start or 0, shard)
+  return np.concatenate([np.asarray(blocks[start].data) for start in sorted(blocks)], axis=0)
+
+
+def gather(x: Any) -> np.ndarray:
+  """Every process's rows, concatenated in process order, on every process: the global value of a
+  batch-sharded array, or the concatenation of each process's numpy rows (equal counts)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sync(name: str) -> None:
+  """Waits for every process (e.g. until process 0 has written files the others read)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -26,6 +26,7 @@ import numpy as np
 
 import checkpointing
 import datasets
+import images
 import losses
 import parallel
 import sde_lib
@@ -118,41 +119,21 @@ class MetricWriter:
       self._jsonl.close()
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-  """(N, H, W, C) in [0, 1] -> one uint8 (rows·H, cols·W, C) grid, ⌈√N⌉ columns, 1-pixel gutters."""
-  n, h, w, c = images.shape
-  cols = int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / cols))
-  grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.float32)
-  for i, img in enumerate(np.clip(images, 0., 1.)):
-    r, q = divmod(i, cols)
-    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = img
-  return np.round(grid * 255).astype(np.uint8)
-
-
-def scatter_image(points: np.ndarray, size: int = 256, extent: float | None = None) -> np.ndarray:
-  """2-D points -> a uint8 (size, size, 1) density image (log-scaled histogram, dark = dense)."""
-  extent = float(extent or max(1e-6, np.percentile(np.abs(points), 99.5) * 1.1))
-  hist, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size, range=[[-extent, extent]] * 2)
-  density = np.log1p(hist[::-1]) / max(np.log1p(hist.max()), 1e-12)
-  return np.round((1. - density) * 255).astype(np.uint8)[..., None]
-
-
 def save_samples(samples: np.ndarray, directory: str, min_png_size: int = 384) -> str:
-  """Writes ``samples.npz`` (float32 in data space) and ``sample.png`` (image grid, enlarged by pixel
-  repetition to at least about ``min_png_size`` pixels, or a density plot for 2-D points) into
-  ``directory``; returns the PNG path."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  """Writes ``samples.npz`` and ``sample.png`` into ``directory``; returns the PNG path.
+
+  Images (N, H, W, C) in [0, 1] are saved as uint8 (like the reference's ``sample.np``) and as a grid
+  enlarged to at least ``min_png_size`` pixels; 2-D points as float32 and a density plot.
+  """
   os.makedirs(directory, exist_ok=True)
-  np.savez_compressed(os.path.join(directory, 'samples.npz'), samples=samples)
-  if samples.ndim == 4:
-    picture = image_grid(samples)
-    factor = max(1, -(-min_png_size // max(picture.shape[:2])))
-    picture = np.kron(picture, np.ones((factor, factor, 1), np.uint8))
-  else:
-    picture = scatter_image(samples[:, :2])
   path = os.path.join(directory, 'sample.png')
-  Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(path)
+  if samples.ndim == 4:
+    samples = images.to_uint8(samples)
+    images.save_grid(samples, path, min_png_size)
+  else:
+    samples = np.asarray(samples, np.float32)
+    images.save_scatter(samples, path)
+  np.savez_compressed(os.path.join(directory, 'samples.npz'), samples=samples)
   return path
 
 
@@ -337,14 +318,6 @@ def train(config, workdir: str) -> losses.TrainState:
   return state
 
 
-def _gather(x: jax.Array) -> np.ndarray:
-  """The global value of a (batch-sharded) array on every process."""
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _duration(seconds: float) -> str:
   seconds = int(round(seconds))
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
@@ -382,7 +355,7 @@ class _Snapshotter:
     score_fn = self._sampling.model_score_fn(self._sde, self._model, {'params': params},
                                              continuous=bool(self._config.training.continuous))
     samples, nfe = self._sampler(jax.random.fold_in(self._rng, step), score_fn)
-    samples = _gather(samples)
+    samples = parallel.gather(samples)
     if jax.process_index() == 0:
       path = save_samples(samples, os.path.join(self._dir, f'iter_{step}'))
       logging.info('step %d: %d samples (%s score evaluations each) in %.1f s -> %s', step, len(samples),
@@ -439,7 +412,7 @@ def eval_loss_over_split(config, sde, model, variables, split: str = 'test',
     batch_total, batch_count, batch_losses = fn(jax.random.fold_in(rng, i), params, x, mask)
     total += float(batch_total)
     count += float(batch_count)
-    per_example.append(_gather(batch_losses)[_gather(mask)])
+    per_example.append(parallel.gather(batch_losses)[parallel.gather(mask)])
   all_losses = np.concatenate(per_example) if per_example else np.zeros((0,), np.float32)
   return {'all_losses': all_losses, 'mean_loss': total / max(count, 1.), 'num_examples': int(count)}
 

@@ -113,8 +113,8 @@ class ReverseSDE:
     return rev_f, rev_G
 
 
-class VPSDE(SDE):
-  """Variance-preserving SDE (eq. 11), the continuous limit of DDPM: dx = -β(t)x/2 dt + √β(t) dw."""
+class _LinearBetaSDE(SDE):
+  """What VP and sub-VP share: β(t) = β₀ + t(β₁-β₀) on [0, 1], mean coefficient e^{L(t)}, N(0, I) prior."""
 
   def __init__(self, beta_min: float = 0.1, beta_max: float = 20., N: int = 1000):
     super().__init__(N)
@@ -122,12 +122,6 @@ class VPSDE(SDE):
       raise ValueError(f'need 0 <= beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}.')
     self.beta_0 = float(beta_min)
     self.beta_1 = float(beta_max)
-    # DDPM's discrete schedule β_i = β̄_i / N (Ho et al. 2020), float32 as in the reference.
-    self.discrete_betas = jnp.linspace(beta_min / N, beta_max / N, N, dtype=jnp.float32)
-    self.alphas = 1. - self.discrete_betas
-    self.alphas_cumprod = jnp.cumprod(self.alphas)
-    self.sqrt_alphas_cumprod = jnp.sqrt(self.alphas_cumprod)
-    self.sqrt_1m_alphas_cumprod = jnp.sqrt(1. - self.alphas_cumprod)
 
   @property
   def T(self) -> float:
@@ -140,6 +134,26 @@ class VPSDE(SDE):
     """L(t) = -∫_0^t β(s) ds / 2 = -t²(β₁-β₀)/4 - tβ₀/2 (eq. 29)."""
     return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
 
+  def prior_sampling(self, rng, shape):
+    return jax.random.normal(rng, shape)
+
+  def prior_logp(self, z):
+    dim = np.prod(z.shape[1:])
+    return -0.5 * dim * np.log(2 * np.pi) - 0.5 * _sum_except_batch(z**2)
+
+
+class VPSDE(_LinearBetaSDE):
+  """Variance-preserving SDE (eq. 11), the continuous limit of DDPM: dx = -β(t)x/2 dt + √β(t) dw."""
+
+  def __init__(self, beta_min: float = 0.1, beta_max: float = 20., N: int = 1000):
+    super().__init__(beta_min, beta_max, N)
+    # DDPM's discrete schedule β_i = β̄_i / N (Ho et al. 2020), float32 as in the reference.
+    self.discrete_betas = jnp.linspace(beta_min / N, beta_max / N, N, dtype=jnp.float32)
+    self.alphas = 1. - self.discrete_betas
+    self.alphas_cumprod = jnp.cumprod(self.alphas)
+    self.sqrt_alphas_cumprod = jnp.sqrt(self.alphas_cumprod)
+    self.sqrt_1m_alphas_cumprod = jnp.sqrt(1. - self.alphas_cumprod)
+
   def sde(self, x, t):
     beta_t = self.beta(t)
     return batch_mul(-0.5 * beta_t, x), jnp.sqrt(beta_t)
@@ -149,13 +163,6 @@ class VPSDE(SDE):
     # -expm1 keeps the std accurate for small t, where 1 - e^{2L} cancels catastrophically.
     return jnp.exp(log_mean), jnp.sqrt(-jnp.expm1(2. * log_mean))
 
-  def prior_sampling(self, rng, shape):
-    return jax.random.normal(rng, shape)
-
-  def prior_logp(self, z):
-    dim = np.prod(z.shape[1:])
-    return -0.5 * dim * np.log(2 * np.pi) - 0.5 * _sum_except_batch(z**2)
-
   def discretize(self, x, t):
     """DDPM ancestral step: x_{i+1} = √(1-β_i) x_i + √β_i z_i."""
     index = _timestep_index(t, self.N, self.T)
@@ -164,25 +171,8 @@ class VPSDE(SDE):
     return batch_mul(jnp.sqrt(alpha), x) - x, jnp.sqrt(beta)
 
 
-class subVPSDE(SDE):  # pylint: disable=invalid-name  (the reference's public name)
+class subVPSDE(_LinearBetaSDE):  # pylint: disable=invalid-name  (the reference's public name)
   """Sub-VP SDE (eq. 17): dx = -β(t)x/2 dt + √(β(t)(1 - e^{-2∫β})) dw; variance below VP's."""
-
-  def __init__(self, beta_min: float = 0.1, beta_max: float = 20., N: int = 1000):
-    super().__init__(N)
-    if not 0 <= beta_min <= beta_max:
-      raise ValueError(f'need 0 <= beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}.')
-    self.beta_0 = float(beta_min)
-    self.beta_1 = float(beta_max)
-
-  @property
-  def T(self) -> float:
-    return 1.
-
-  def beta(self, t: Array) -> Array:
-    return self.beta_0 + t * (self.beta_1 - self.beta_0)
-
-  def log_mean_coeff(self, t: Array) -> Array:
-    return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
 
   def sde(self, x, t):
     beta_t = self.beta(t)
@@ -193,13 +183,6 @@ class subVPSDE(SDE):  # pylint: disable=invalid-name  (the reference's public na
     log_mean = self.log_mean_coeff(t)
     # The std itself is 1 - e^{2L} (eq. 29's variance is its square), not its square root.
     return jnp.exp(log_mean), -jnp.expm1(2. * log_mean)
-
-  def prior_sampling(self, rng, shape):
-    return jax.random.normal(rng, shape)
-
-  def prior_logp(self, z):
-    dim = np.prod(z.shape[1:])
-    return -0.5 * dim * np.log(2 * np.pi) - 0.5 * _sum_except_batch(z**2)
 
 
 class VESDE(SDE):

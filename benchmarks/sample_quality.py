@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # pylint: disable=wrong-import-position
 import evaluation  # pylint: disable=wrong-import-position
+import images  # pylint: disable=wrong-import-position
 from configs import default_cifar10_configs  # pylint: disable=wrong-import-position
 from models import inception  # pylint: disable=wrong-import-position
 
@@ -35,7 +36,7 @@ def digits_split(split: str) -> np.ndarray:
   config = default_cifar10_configs.get_default_configs()
   config.data.update(dataset='digits', image_size=8, num_channels=1, num_levels=17)
   source = datasets.get_source(config, split)
-  return evaluation.to_uint8(source.load(np.arange(len(source))) / 16.)
+  return images.to_uint8(source.load(np.arange(len(source))) / 16.)
 
 
 def digits_control() -> None:
@@ -44,7 +45,7 @@ def digits_control() -> None:
   extractor = evaluation.get_feature_extractor(config)
   train_f, train_l = evaluation.compute_features(extractor, digits_split('train'))
   test_f, _ = evaluation.compute_features(extractor, digits_split('test'))
-  noise = evaluation.to_uint8(np.random.default_rng(0).uniform(size=(1497, 8, 8, 1)))
+  noise = images.to_uint8(np.random.default_rng(0).uniform(size=(1497, 8, 8, 1)))
   noise_f, noise_l = evaluation.compute_features(extractor, noise)
   # Subsets of the size of a typical sample evaluation: FID and split IS are biased at small n.
   subsets = {n: np.random.default_rng(0).choice(len(train_f), n, replace=False) for n in (1000, 300)}
@@ -64,13 +65,13 @@ def inception_throughput() -> None:
   variables = jax.jit(inception.FIDInceptionV3().init)(
       jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
   fn = inception.feature_fn(variables)
-  images = np.random.default_rng(0).uniform(size=(FLAGS.inception_batch, 32, 32, 3)).astype(np.float32)
+  batch = np.random.default_rng(0).uniform(size=(FLAGS.inception_batch, 32, 32, 3)).astype(np.float32)
   start = time.time()
-  jax.block_until_ready(fn(images))
+  jax.block_until_ready(fn(batch))
   compile_s = time.time() - start
   start = time.time()
   for _ in range(FLAGS.inception_batches):
-    jax.block_until_ready(fn(images))
+    jax.block_until_ready(fn(batch))
   rate = FLAGS.inception_batches * FLAGS.inception_batch / (time.time() - start)
   print(f'FID Inception-v3 on {jax.devices()[0].platform} ({jax.device_count()} device(s)), batch '
         f'{FLAGS.inception_batch} of 32x32 -> 299x299: first batch (compile) {compile_s:.1f} s, '

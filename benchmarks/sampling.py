@@ -35,11 +35,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
 import analytic  # pylint: disable=g-import-not-at-top
 import datasets
-import isotropic_mixture
 import sampling
 import sde_lib
 from models import utils as mutils
@@ -114,12 +112,12 @@ def mixture_sweep():
       sde = make(steps)
       row(name, f'PC {predictor} + {corrector}', f'N = {steps}',
           sampling.get_pc_sampler(sde, (n, 2), predictor, corrector, eps=eps),
-          isotropic_mixture.score_fn(sde, data))
+          analytic.isotropic_score_fn(sde, data))
     sde = make(1000)
     for tol in (1e-2, 1e-3, 1e-4, 1e-5):
       row(name, 'ODE dopri5', f'rtol = atol = {tol:g}',
           sampling.get_ode_sampler(sde, (n, 2), rtol=tol, atol=tol, eps=eps),
-          isotropic_mixture.score_fn(sde, data))
+          analytic.isotropic_score_fn(sde, data))
 
 
 def _model(module: str, workdir: str | None):

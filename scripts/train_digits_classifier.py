@@ -21,7 +21,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
-import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
+import images  # pylint: disable=g-import-not-at-top,wrong-import-position
 from models import digits_classifier  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SEED = 0
@@ -36,8 +36,8 @@ def split_data(split: str) -> tuple[np.ndarray, np.ndarray]:
   indices = datasets.digits_split_indices(split)
   raw = datasets._digits_raw()[indices]  # pylint: disable=protected-access
   labels = sk_datasets.load_digits().target[indices]
-  images = evaluation.to_uint8(raw / (datasets.DIGITS_NUM_LEVELS - 1.)).astype(np.float32) / 255.
-  return images[..., None], labels.astype(np.int32)
+  pixels = images.to_uint8(raw / (datasets.DIGITS_NUM_LEVELS - 1.)).astype(np.float32) / 255.
+  return pixels[..., None], labels.astype(np.int32)
 
 
 def shift(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:

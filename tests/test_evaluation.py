@@ -14,6 +14,7 @@ import scipy.linalg
 import datasets
 import eval_samples
 import evaluation
+import images
 import sde_lib
 from configs import default_cifar10_configs
 from models import digits_classifier, inception
@@ -165,12 +166,6 @@ def test_kid_needs_enough_samples():
     evaluation.kernel_inception_distance(np.zeros((3, 2)), np.zeros((10, 2)))
 
 
-def test_to_uint8_rounds_levels_exactly():
-  levels = np.arange(256) / 255.
-  np.testing.assert_array_equal(evaluation.to_uint8(levels), np.arange(256))
-  np.testing.assert_array_equal(evaluation.to_uint8(np.array([-0.2, 1.3])), [0, 255])
-
-
 # ----------------------------------------------------------------------------------------------------
 # Inception weights (no PyTorch needed; equivalence with pytorch-fid is in test_inception_torch.py)
 
@@ -215,7 +210,7 @@ def _digits_config(image_size=8):
 
 def _split_uint8(split, image_size=8):
   config = _digits_config(image_size)
-  return evaluation.to_uint8(datasets.get_source(config, split).load(
+  return images.to_uint8(datasets.get_source(config, split).load(
       np.arange(datasets.num_examples(config, split))) / 16.)
 
 
@@ -231,8 +226,8 @@ def digits_features(digits_extractor):
 
 
 def test_digits_classifier_test_accuracy_from_committed_weights():
-  images, labels = train_digits_classifier.split_data('test')
-  acc = train_digits_classifier.accuracy(digits_classifier.load_params(), images, labels)
+  pixels, labels = train_digits_classifier.split_data('test')
+  acc = train_digits_classifier.accuracy(digits_classifier.load_params(), pixels, labels)
   assert acc >= 0.97, acc
 
 
@@ -245,7 +240,7 @@ def test_digits_classifier_training_is_deterministic():
 def test_digits_quality_train_vs_test_is_small_next_to_noise(digits_extractor, digits_features):
   train_f, train_l = digits_features['train']
   test_f, _ = digits_features['test']
-  noise = evaluation.to_uint8(np.random.default_rng(0).uniform(size=(1497, 8, 8, 1)))
+  noise = images.to_uint8(np.random.default_rng(0).uniform(size=(1497, 8, 8, 1)))
   noise_f, noise_l = evaluation.compute_features(digits_extractor, noise)
   mu, cov = evaluation.feature_stats(test_f)
   control = evaluation.quality_metrics(train_f, train_l, mu, cov, test_f)

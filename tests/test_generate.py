@@ -53,10 +53,11 @@ def test_generate_images_in_rounds(tmp_path, monkeypatch):
   assert calls == [(str(tmp_path), None, True)]
   assert out == os.path.join(str(tmp_path), 'samples', 'ckpt_7')
   rounds = [np.load(os.path.join(out, f'samples_{r}.npz'))['samples'] for r in range(3)]
-  assert [r.shape for r in rounds] == [(8, 16, 16, 1), (8, 16, 16, 1), (4, 16, 16, 1)]
+  assert [r.shape for r in rounds] == [(8, 8, 8, 1), (8, 8, 8, 1), (4, 8, 8, 1)]
   assert all(r.dtype == np.uint8 for r in rounds)
   grid = np.asarray(Image.open(os.path.join(out, 'samples.png')))
-  assert grid.shape == (4 * 18 + 2, 5 * 18 + 2)  # 20 images: 4 rows of 5 tiles of 16 + 2 pixels
+  # 20 images: 4 rows of 5 tiles of 8 + 2 pixels, enlarged 8x to reach 384 pixels.
+  assert grid.shape == (8 * (4 * 10 + 2), 8 * (5 * 10 + 2))
 
   # Sample i depends only on (seed, i): one round of 16 reproduces the first two rounds of 8.
   again = generate.generate(config, str(tmp_path), num_samples=16, batch_size=16,
@@ -83,10 +84,3 @@ def test_generate_rejects_bad_sizes(tmp_path):
   config = toy_gmm.get_config()
   with pytest.raises(ValueError, match='config.eval.num_samples'):
     generate.generate(config, str(tmp_path), num_samples=0)
-
-
-def test_image_grid_layout():
-  images = np.full((3, 2, 2, 3), 255, np.uint8)
-  grid = generate.image_grid(images, padding=1)
-  assert grid.shape == (2 * 3 + 1, 2 * 3 + 1, 3)
-  assert grid[1:3, 1:3].min() == 255 and grid[0].max() == 0 and grid[4:6, 4:6].max() == 0

@@ -30,7 +30,6 @@ import pytest
 from scipy import stats
 
 import analytic
-import isotropic_mixture
 import sampling
 import sde_lib
 from configs import default_cifar10_configs
@@ -80,13 +79,15 @@ def assert_matches_mixture(samples, data=MIXTURE, std=STD):
 
 
 def test_fast_isotropic_score_is_analytic_score():
-  """The test's batched-linear-algebra-free score equals analytic.score_fn (to float32 rounding)."""
+  """The solve-free isotropic score equals analytic.score_fn (to float32 rounding)."""
   x = 3. * jax.random.normal(jax.random.PRNGKey(0), (64, 2))
   t = jax.random.uniform(jax.random.PRNGKey(1), (64,), minval=1e-5, maxval=1.)
   for name in EPS:
     sde = make_sde(name, 10)
-    np.testing.assert_allclose(isotropic_mixture.score_fn(sde, MIXTURE)(x, t),
+    np.testing.assert_allclose(analytic.isotropic_score_fn(sde, MIXTURE)(x, t),
                                analytic.score_fn(sde, MIXTURE)(x, t), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='non-isotropic'):
+    analytic.isotropic_score_fn(sde, analytic.gaussian([0., 0.], [[1., .5], [.5, 1.]]))
 
 
 # (sde, predictor, corrector): the full matrix of predictors with and without each corrector. The
@@ -116,7 +117,7 @@ def test_pc_sampler_matches_mixture(sde_name, predictor, corrector):
   """N = 250 steps, snr 0.16, one corrector step, denoised; 10,000 samples."""
   sde = make_sde(sde_name, 250)
   sampler = sampling.get_pc_sampler(sde, (N_SAMPLES, 2), predictor, corrector, eps=EPS[sde_name])
-  samples, nfe = sampler(jax.random.PRNGKey(0), isotropic_mixture.score_fn(sde, MIXTURE))
+  samples, nfe = sampler(jax.random.PRNGKey(0), analytic.isotropic_score_fn(sde, MIXTURE))
   assert nfe == 250 * (1 + (corrector != 'none'))
   assert_matches_mixture(samples)
 
@@ -136,7 +137,7 @@ def test_corrector_only_sampling_matches_mixture(sde_name, corrector):
   sde = make_sde(sde_name, 100)
   sampler = sampling.get_pc_sampler(sde, (N_SAMPLES, 2), 'none', corrector, n_steps=30,
                                     eps=EPS[sde_name])
-  samples, nfe = sampler(jax.random.PRNGKey(0), isotropic_mixture.score_fn(sde, MIXTURE))
+  samples, nfe = sampler(jax.random.PRNGKey(0), analytic.isotropic_score_fn(sde, MIXTURE))
   assert nfe == 100 * 30
   assert_matches_mixture(samples)
 
@@ -147,7 +148,7 @@ def test_ode_sampler_matches_mixture(sde_name):
   NFE)."""
   sde = make_sde(sde_name, 1000)
   sampler = sampling.get_ode_sampler(sde, (N_SAMPLES, 2), eps=EPS[sde_name])
-  samples, nfe = sampler(jax.random.PRNGKey(0), isotropic_mixture.score_fn(sde, MIXTURE))
+  samples, nfe = sampler(jax.random.PRNGKey(0), analytic.isotropic_score_fn(sde, MIXTURE))
   assert 20 < nfe < 1000
   assert_matches_mixture(samples)
 
@@ -195,7 +196,7 @@ def test_image_shaped_mixture(method):
   config = default_cifar10_configs.get_default_configs()
   config.sampling.method = method
   sampler = sampling.get_sampling_fn(config, sde, (4000, 4, 4, 1), None, eps=EPS['vesde'])
-  samples, _ = sampler(jax.random.PRNGKey(0), isotropic_mixture.score_fn(sde, data))
+  samples, _ = sampler(jax.random.PRNGKey(0), analytic.isotropic_score_fn(sde, data))
   assert samples.shape == (4000, 4, 4, 1)
   z = mixture_z_scores(samples, data, STD)
   assert z['outliers'] < 1e-3, z

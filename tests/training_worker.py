@@ -61,6 +61,7 @@ def main():
   if args.num_processes > 1:
     jax.distributed.initialize(coordinator_address=f'127.0.0.1:{args.port}',
                                num_processes=args.num_processes, process_id=args.process_id)
+  import parallel  # pylint: disable=import-outside-toplevel
   import run_lib  # pylint: disable=import-outside-toplevel
 
   config = tiny_toy_config(json.loads(args.overrides))
@@ -78,7 +79,7 @@ def main():
   flat = {}
   for prefix, tree in (('params', state.params), ('ema', state.params_ema)):
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      flat[prefix + jax.tree_util.keystr(path)] = np.asarray(leaf.addressable_data(0))  # replicated
+      flat[prefix + jax.tree_util.keystr(path)] = parallel.to_host(leaf)
   flat['step'] = np.asarray(int(state.step))
   np.savez(args.out, **flat)
 
