@@ -118,26 +118,24 @@ _PREDICTORS: dict[str, type[Predictor]] = {}
 _CORRECTORS: dict[str, type[Corrector]] = {}
 
 
-def register_predictor(name: str):
-  """Class decorator: makes a ``Predictor`` subclass available under ``name``."""
+def _registrar(registry: dict, kind: str, name: str):
   def register(cls):
-    if name.lower() in _PREDICTORS and _PREDICTORS[name.lower()] is not cls:
-      raise ValueError(f'a predictor named {name!r} is already registered '
-                       f'({_PREDICTORS[name.lower()].__name__}).')
-    _PREDICTORS[name.lower()] = cls
+    key = name.lower()
+    if key in registry and registry[key] is not cls:
+      raise ValueError(f'a {kind} named {name!r} is already registered ({registry[key].__name__}).')
+    registry[key] = cls
     return cls
   return register
+
+
+def register_predictor(name: str):
+  """Class decorator: makes a ``Predictor`` subclass available under ``name``."""
+  return _registrar(_PREDICTORS, 'predictor', name)
 
 
 def register_corrector(name: str):
   """Class decorator: makes a ``Corrector`` subclass available under ``name``."""
-  def register(cls):
-    if name.lower() in _CORRECTORS and _CORRECTORS[name.lower()] is not cls:
-      raise ValueError(f'a corrector named {name!r} is already registered '
-                       f'({_CORRECTORS[name.lower()].__name__}).')
-    _CORRECTORS[name.lower()] = cls
-    return cls
-  return register
+  return _registrar(_CORRECTORS, 'corrector', name)
 
 
 def get_predictor(name: str) -> type[Predictor]:

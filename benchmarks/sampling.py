@@ -50,6 +50,7 @@ flags.DEFINE_integer('digits_steps', 20, 'PC steps actually run for the digits m
 flags.DEFINE_integer('cifar_steps', 2, 'PC steps actually run for the CIFAR-shaped model.')
 flags.DEFINE_bool('skip_cifar', False, 'Skip the CIFAR-shaped model.')
 flags.DEFINE_bool('skip_models', False, 'Only run the Gaussian-mixture quality sweep.')
+flags.DEFINE_bool('skip_mixture', False, 'Skip the Gaussian-mixture quality sweep.')
 
 
 def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float = 1., chunk: int = 2000) -> float:
@@ -201,7 +202,8 @@ def main(argv):
   del argv
   print(f'sampling benchmark: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} on '
         f'{jax.devices()[0].platform} x{jax.device_count()}')
-  mixture_sweep()
+  if not FLAGS.skip_mixture:
+    mixture_sweep()
   if not FLAGS.skip_models:
     model_benchmarks()
 

@@ -23,34 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import layers
+from models import layerspp
 from models import utils as mutils
 
 Array = jax.Array
-
-
-def positional_embedding(timesteps: Array, dim: int, max_positions: int = 10000) -> Array:
-  """Sinusoidal embedding of (B,) scalars into (B, dim) (Vaswani et al. 2017, DDPM's time embedding)."""
-  half = dim // 2
-  freqs = jnp.exp(-np.log(max_positions) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
-  args = timesteps.astype(jnp.float32)[:, None] * freqs[None]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
-  return emb
-
-
-class FourierFeatures(nn.Module):
-  """Random Fourier features [sin 2πWs, cos 2πWs], W ~ N(0, scale²) frozen (not trained)."""
-  dim: int
-  scale: float = 16.
-
-  @nn.compact
-  def __call__(self, s: Array) -> Array:
-    # Frozen weights live in 'params' (as in the reference) and are excluded from training here.
-    weights = self.param('W', jax.nn.initializers.normal(stddev=self.scale), (self.dim // 2,))
-    weights = jax.lax.stop_gradient(weights)
-    proj = s[:, None] * weights[None] * 2 * np.pi
-    return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
 
 
 @mutils.register_model('mlp')
@@ -85,10 +62,11 @@ class MLP(nn.Module):
 
     if embedding_type == 'fourier':
       used_sigmas = labels
-      temb = FourierFeatures(dim=nf, scale=float(cfg.get('fourier_scale', 16.)))(jnp.log(labels))
+      fourier_scale = float(cfg.get('fourier_scale', 16.))
+      temb = layerspp.GaussianFourierProjection(embedding_size=nf // 2, scale=fourier_scale)(jnp.log(labels))
     elif embedding_type == 'positional':
       used_sigmas = jnp.asarray(mutils.get_sigmas(self.config))[labels.astype(jnp.int32)]
-      temb = positional_embedding(labels, nf)
+      temb = layers.get_timestep_embedding(labels, nf)
     else:
       raise ValueError(f'config.model.embedding_type={cfg.embedding_type!r} is not known; '
                        "choose 'fourier' or 'positional'.")

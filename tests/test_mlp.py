@@ -45,7 +45,7 @@ def test_fourier_features_are_frozen_and_positional_labels_work():
   x = jnp.ones((4, 2))
   grads = jax.grad(lambda v: jnp.sum(model.apply(v, x, jnp.full((4,), 0.5), train=False)**2))(
       _randomise_output_layer(variables, jax.random.PRNGKey(3)))
-  assert float(jnp.abs(grads['params']['FourierFeatures_0']['W']).max()) == 0.
+  assert float(jnp.abs(grads['params']['GaussianFourierProjection_0']['W']).max()) == 0.
   vp_config = vp_toy.get_config()
   vp_model, vp_vars = mutils.init_model(jax.random.PRNGKey(0), vp_config, batch_size=4)
   for labels in (jnp.array([0, 10, 500, 999]), jnp.array([0.1, 99.9, 500.5, 999.])):
