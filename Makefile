@@ -14,7 +14,8 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
-# Optional: torch and pytorch-fid for the cross-implementation tests (they skip without them).
+# Optional: torch and pytorch-fid for the cross-implementation tests against pytorch-fid's Inception
+# (they skip without them; the checkpoint-import tests need neither). `make env-test test` runs everything.
 # On a machine with a GPU, pip would fetch a large CUDA build of torch; CI here takes the CPU wheel.
 env-test: $(VENV)/.installed-test
 
@@ -26,6 +27,8 @@ demo: env
 	$(VENV)/bin/python main.py --config=$(CONFIG) --mode=train --workdir=$(WORKDIR)
 	$(VENV)/bin/python main.py --config=$(CONFIG) --mode=eval --workdir=$(WORKDIR)
 
+# Without `make env-test` first, the run ends by naming the cross-checks it skipped and the command that
+# runs them (tests/conftest.py).
 test: env
 	$(VENV)/bin/python -m pytest
 

@@ -8,15 +8,23 @@ The reference's NCSN++/DDPM++ and DDPM keep their layers in one list, ``all_modu
 forward pass uses them; our Flax modules create their sub-modules in the same order and give their
 leaves the same names as the PyTorch attributes (``GroupNorm_0``, ``Conv_1``, ``NIN_0``, ...). So
 ``all_modules.<i>`` is the i-th parameter-holding top-level sub-module our model calls, which we record
-by intercepting calls during an abstract initialisation. Layouts differ only in:
+by intercepting calls during an abstract initialisation. Call order alone would load two modules whose
+shapes happen to agree into each other's places, so each pairing must also agree in kind (what the
+checkpoint's leaves say the module is, against the Flax module's class), in its exact set of leaf paths,
+and in every shape. Layouts differ only in (decided from the tensor alone, not from the model):
 
 - convolution weights: PyTorch (out, in, kh, kw) -> Flax (kh, kw, in, out);
 - dense weights: (out, in) -> (in, out);
-- GroupNorm ``weight`` -> ``scale``;
+- GroupNorm ``weight`` (the only 1-D weight) -> ``scale``;
 - ``NIN`` (W, b) and the Fourier projection ``W`` are stored as in Flax.
 
 EMA: ``shadow_params[i]`` belongs to the i-th state-dict entry that is a trainable parameter, i.e. after
 dropping buffers (``sigmas``) and the frozen Fourier ``W``. The reference evaluates and samples with these.
+
+Noise schedule: every one of these reference models stores ``sigmas = get_sigmas(config)`` (descending
+geometric, ``model.sigma_max`` -> ``model.sigma_min``, ``model.num_scales`` of them), VP models
+included, and nothing else about the schedule (VP's ``beta_min``/``beta_max`` are not in the file). A
+config that disagrees with it is refused: the weights would load, and be used at the wrong noise levels.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from absl import logging
 import flax
 import flax.linen as nn
 import jax
@@ -32,12 +41,26 @@ import ml_collections
 import numpy as np
 
 import torch_pickle
-from models import layerspp
 from models import utils
 
 Variables = Any
+# One module's converted leaves: path relative to the module ('Conv_0', 'kernel') -> array in Flax layout.
+Leaves = dict[tuple[str, ...], np.ndarray]
 _SUPPORTED_MODELS = ('ncsnpp', 'ddpm')
 _BUFFERS = ('sigmas',)
+# The stored sigmas are float64 from the same formula as get_sigmas, so any real disagreement is large.
+_SCHEDULE_RTOL = 1e-5
+_FOURIER = 'GaussianFourierProjection'
+# What a checkpoint module is, judged from its own leaves, and the Flax classes that may take its place.
+_KIND_CLASSES = {
+    'Fourier projection': (_FOURIER,),
+    'Dense': ('Dense',),
+    'Conv': ('Conv',),
+    'GroupNorm': ('GroupNorm',),
+    'attention block': ('AttnBlock', 'AttnBlockpp'),
+    'residual block': ('ResnetBlockDDPM', 'ResnetBlockDDPMpp', 'ResnetBlockBigGANpp'),
+    'single-convolution block': ('Upsample', 'Downsample', 'Combine'),
+}
 
 
 def _strip_prefix(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -45,31 +68,59 @@ def _strip_prefix(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
 
 
-def _top_level_call_order(model: nn.Module, config: ml_collections.ConfigDict,
-                          shapes: Any) -> list[str]:
-  """Names of the model's direct sub-modules in the order they are first called."""
-  order: list[str] = []
+def _check_noise_schedule(state_dict: dict[str, np.ndarray], config: ml_collections.ConfigDict,
+                          path: str | os.PathLike) -> None:
+  """Refuses a config whose noise levels are not the ones stored with the checkpoint."""
+  if 'sigmas' not in state_dict:
+    logging.warning('%s has no "sigmas" buffer, so its noise schedule cannot be checked: make sure '
+                    'config.model.sigma_max, sigma_min and num_scales are the ones it was trained with.',
+                    path)
+    return
+  sigmas = np.asarray(state_dict['sigmas'], np.float64)
+  if sigmas.ndim != 1 or not sigmas.size:
+    raise ValueError(f'{path}: the "sigmas" buffer has shape {sigmas.shape}; a score_sde_pytorch '
+                     'checkpoint stores a 1-D table of noise levels.')
+  model = config.model
+  problems = []
+  if sigmas.size != int(model.num_scales):
+    problems.append(f'num_scales={sigmas.size} (len(sigmas)) but config.model.num_scales='
+                    f'{model.num_scales}; set --config.model.num_scales={sigmas.size}')
+  for key, where, stored in (('sigma_max', 'sigmas[0]', sigmas[0]), ('sigma_min', 'sigmas[-1]', sigmas[-1])):
+    if not np.isclose(stored, float(model[key]), rtol=_SCHEDULE_RTOL, atol=0.):
+      problems.append(f'{key}={stored:.6g} ({where}) but config.model.{key}={float(model[key]):.6g}; '
+                      f'set --config.model.{key}={stored:.6g}')
+  if problems:
+    raise ValueError(f'{path} was trained with another noise schedule than the config describes: '
+                     'checkpoint has ' + '; checkpoint has '.join(problems) + '.')
+
+
+def _abstract_init(model: nn.Module, config: ml_collections.ConfigDict) -> tuple[dict, list[tuple[str, str]]]:
+  """The model's parameter shapes, and (name, class name) of its parameterised direct sub-modules in the
+  order the forward pass first calls them."""
+  calls: dict[str, str] = {}
 
   def interceptor(next_fun, args, kwargs, context):
     path = context.module.path
-    if len(path) == 1 and context.method_name == '__call__' and path[0] not in order:
-      order.append(path[0])
+    if len(path) == 1 and context.method_name == '__call__':
+      calls.setdefault(path[0], type(context.module).__name__)
     return next_fun(*args, **kwargs)
 
   import datasets  # pylint: disable=import-outside-toplevel
   x = jnp.zeros((1,) + tuple(datasets.data_shape(config)), jnp.float32)
   labels = jnp.ones((1,), jnp.float32)
   with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
-                                      x, labels, train=False))
-  return [name for name in order if name in shapes]
+    shapes = jax.eval_shape(lambda: model.init(
+        {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x, labels, train=False))['params']
+  shapes = flax.core.unfreeze(shapes)
+  return shapes, [(name, cls) for name, cls in calls.items() if name in shapes]
 
 
-def _convert_leaf(name: str, value: np.ndarray, module_path: tuple[str, ...]) -> tuple[str, np.ndarray]:
-  """(Flax leaf name, array in Flax layout) of one PyTorch tensor."""
-  last = module_path[-1] if module_path else ''
+def _convert_leaf(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """(Flax leaf name, array in Flax layout) of one PyTorch tensor, decided by the tensor alone so that
+  the converted leaves describe the checkpoint, not the model it is being matched against."""
+  name = key.rsplit('.', 1)[-1]
   if name == 'weight':
-    if last.startswith('GroupNorm'):
+    if value.ndim == 1:
       return 'scale', value
     if value.ndim == 4:
       return 'kernel', np.transpose(value, (2, 3, 1, 0))
@@ -77,49 +128,85 @@ def _convert_leaf(name: str, value: np.ndarray, module_path: tuple[str, ...]) ->
       return 'kernel', value.T
   if name in ('bias', 'W', 'b'):
     return name, value
-  raise ValueError(f'no Flax counterpart for parameter {".".join(module_path + (name,))} {value.shape}.')
+  raise ValueError(f'no Flax counterpart for checkpoint entry {key!r} of shape {value.shape}.')
 
 
-def _map_state_dict(state_dict: dict[str, np.ndarray], order: list[str], shapes: dict) -> tuple[
-    dict, list[str]]:
-  """Flax params from a (prefix-free) state dict, and the PyTorch keys of trainable params in order."""
+def _checkpoint_kind(leaves: Leaves) -> str:
+  """What a checkpoint module is, from its leaves' names and ranks (a key of _KIND_CLASSES, or 'unknown')."""
+  top = {path[0]: value for path, value in leaves.items() if len(path) == 1}
+  children = {path[0] for path in leaves if len(path) > 1}
+  if top and children:
+    return 'unknown'
+  if set(top) == {'W'}:
+    return 'Fourier projection'
+  if 'scale' in top:
+    return 'GroupNorm'
+  if 'kernel' in top:
+    return {4: 'Conv', 2: 'Dense'}.get(top['kernel'].ndim, 'unknown')
+  if 'Conv_1' in children:  # both convolutions of a residual block; the skip may be Conv_2 or NIN_0
+    return 'residual block'
+  if 'GroupNorm_0' in children and all(c == 'GroupNorm_0' or c.startswith('NIN_') for c in children):
+    return 'attention block'
+  if len(children) == 1 and children <= {'Conv_0', 'Conv2d_0'}:
+    return 'single-convolution block'
+  return 'unknown'
+
+
+def _describe(shapes: dict[tuple[str, ...], tuple[int, ...]]) -> str:
+  return '{' + ', '.join(f'{"/".join(path)} {shape}' for path, shape in sorted(shapes.items())) + '}'
+
+
+def _check_module(index: int, leaves: Leaves, name: str, cls: str, expected: dict) -> None:
+  """Refuses to load checkpoint module all_modules.<index> into the model's module `name` (class `cls`,
+  abstract parameters `expected`) unless kind, leaf paths and shapes all agree."""
+  kind = _checkpoint_kind(leaves)
+  got = {path: value.shape for path, value in leaves.items()}
+  want = {path: tuple(value.shape) for path, value in flax.traverse_util.flatten_dict(expected).items()}
+  if cls not in _KIND_CLASSES.get(kind, ()) or set(got) != set(want):
+    raise ValueError(
+        f'checkpoint module all_modules.{index} ({kind}: {_describe(got)}) cannot be loaded into '
+        f'{name} ({cls}: {_describe(want)}), the module the model calls in its place: the checkpoint\'s '
+        'layers are not in the order this model calls them, or the config describes another architecture.')
+  for path in sorted(got):
+    if got[path] != want[path]:
+      raise ValueError(f'checkpoint module all_modules.{index} has {"/".join(path)} of shape {got[path]} '
+                       f'(Flax layout); the model expects {want[path]} at {"/".join((name,) + path)}: the '
+                       'config does not describe this checkpoint.')
+
+
+def _group_modules(state_dict: dict[str, np.ndarray]) -> dict[int, list[str]]:
+  """Keys of the (prefix-free) state dict by their all_modules index, buffers left out."""
   groups: dict[int, list[str]] = {}
   for key in state_dict:
     if key in _BUFFERS:
       continue
     parts = key.split('.')
-    if parts[0] != 'all_modules' or len(parts) < 3:
+    if parts[0] != 'all_modules' or len(parts) < 3 or not parts[1].isdigit():
       raise ValueError(f'unexpected state-dict entry {key!r}: expected all_modules.<i>.<...> '
                        '(a score_sde_pytorch NCSN++/DDPM++/DDPM checkpoint).')
     groups.setdefault(int(parts[1]), []).append(key)
-  indices = sorted(groups)
-  if len(indices) != len(order):
-    raise ValueError(f'the checkpoint has {len(indices)} parameterised modules, the model built from this '
-                     f'config has {len(order)}: the config does not describe this checkpoint.')
+  return groups
 
+
+def _map_state_dict(state_dict: dict[str, np.ndarray], modules: list[tuple[str, str]],
+                    shapes: dict) -> tuple[dict, set[str]]:
+  """Flax params from a (prefix-free) state dict, and the keys of its frozen parameters (no EMA copy)."""
+  groups = _group_modules(state_dict)
+  if len(groups) != len(modules):
+    raise ValueError(f'the checkpoint has {len(groups)} parameterised modules, the model built from this '
+                     f'config has {len(modules)}: the config does not describe this checkpoint.')
   params: dict = {}
-  trainable: list[str] = []
-  for index, flax_name in zip(indices, order):
-    for key in groups[index]:
-      parts = key.split('.')[2:]
-      module_path = (flax_name,) + tuple(parts[:-1])
-      leaf, value = _convert_leaf(parts[-1], state_dict[key], module_path)
-      expected = shapes
-      for p in module_path + (leaf,):
-        if p not in expected:
-          raise ValueError(f'checkpoint entry {key!r} maps to {"/".join(module_path + (leaf,))}, '
-                           'which the model built from this config does not have.')
-        expected = expected[p]
-      if tuple(expected.shape) != value.shape:
-        raise ValueError(f'checkpoint entry {key!r} has shape {value.shape} (as {leaf}); the model '
-                         f'expects {tuple(expected.shape)} at {"/".join(module_path + (leaf,))}.')
-      node = params
-      for p in module_path:
-        node = node.setdefault(p, {})
-      node[leaf] = value
-      if not flax_name.startswith(layerspp.GaussianFourierProjection.__name__):
-        trainable.append(key)
-  return params, trainable
+  frozen: set[str] = set()
+  for (index, keys), (name, cls) in zip(sorted(groups.items()), modules):
+    leaves: Leaves = {}
+    for key in keys:
+      leaf, value = _convert_leaf(key, state_dict[key])
+      leaves[tuple(key.split('.')[2:-1]) + (leaf,)] = value
+    _check_module(index, leaves, name, cls, shapes[name])
+    params[name] = flax.traverse_util.unflatten_dict(leaves)
+    if cls == _FOURIER:
+      frozen.update(keys)
+  return params, frozen
 
 
 def _check_complete(params: dict, shapes: dict) -> None:
@@ -136,7 +223,8 @@ def load_score_sde_pytorch(path: str | os.PathLike, config: ml_collections.Confi
 
   Args:
     path: a ``.pth`` file written by the reference's ``save_checkpoint`` (or a bare state dict).
-    config: the experiment config the checkpoint was trained with (its ``model`` and ``data`` groups).
+    config: the experiment config the checkpoint was trained with (its ``model`` and ``data`` groups);
+      its noise schedule must match the ``sigmas`` stored in the file.
     ema: use the EMA weights (what the reference samples and evaluates with); else the raw weights.
   """
   name = config.model.name
@@ -149,21 +237,16 @@ def load_score_sde_pytorch(path: str | os.PathLike, config: ml_collections.Confi
   else:
     state_dict, checkpoint = checkpoint, {}
   state_dict = _strip_prefix(dict(state_dict))
+  _check_noise_schedule(state_dict, config, path)
 
-  model = utils.create_model(config)
-  import datasets  # pylint: disable=import-outside-toplevel
-  x = jnp.zeros((1,) + tuple(datasets.data_shape(config)), jnp.float32)
-  shapes = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x, jnp.ones((1,), jnp.float32),
-      train=False))['params']
-  shapes = flax.core.unfreeze(shapes)
-  order = _top_level_call_order(model, config, shapes)
-  params, trainable = _map_state_dict(state_dict, order, shapes)
+  shapes, modules = _abstract_init(utils.create_model(config), config)
+  params, frozen = _map_state_dict(state_dict, modules, shapes)
   _check_complete(params, shapes)
 
   if ema:
     if 'ema' not in checkpoint:
       raise ValueError(f'{path} has no EMA weights; load it with ema=False.')
+    trainable = [key for key in state_dict if key not in _BUFFERS and key not in frozen]
     shadow = checkpoint['ema']['shadow_params']
     if len(shadow) != len(trainable):
       raise ValueError(f'{path}: {len(shadow)} EMA shadow parameters for {len(trainable)} trainable ones.')
@@ -173,7 +256,7 @@ def load_score_sde_pytorch(path: str | os.PathLike, config: ml_collections.Confi
         raise ValueError(f'{path}: EMA entry for {key} has shape {value.shape}, the parameter '
                          f'{state_dict[key].shape}.')
     state_dict = {**state_dict, **ema_state}
-    params, _ = _map_state_dict(state_dict, order, shapes)
+    params, _ = _map_state_dict(state_dict, modules, shapes)
 
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   return {'params': params}

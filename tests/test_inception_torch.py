@@ -31,7 +31,8 @@ RTOL = 1e-4
 
 def _import_pytorch_fid():
   if importlib.util.find_spec('pytorch_fid') is None or importlib.util.find_spec('torchvision') is None:
-    pytest.skip('pytorch-fid and torchvision are optional test dependencies (requirements-test.txt)')
+    pytest.skip('pytorch-fid and torchvision are optional test dependencies (requirements-test.txt)',
+                allow_module_level=True)  # called while the module is imported, at collection
   try:
     import torchvision  # pylint: disable=import-outside-toplevel,unused-import
   except (RuntimeError, ImportError, OSError):

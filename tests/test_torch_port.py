@@ -1,13 +1,16 @@
 """Released-checkpoint import: our models on score_sde_pytorch checkpoints give the reference's numbers.
 
-The fixtures (../shared/fixtures/score_sde_pytorch, see its README) were written by the PyTorch reference
-itself: a checkpoint after 3 training steps (EMA != raw weights) and the reference's network outputs and
-scores on fixed inputs. We load each checkpoint without PyTorch, run our model and ``get_score_fn``, and
-require max |ours - theirs| / max |theirs| <= 1e-4 (float32; achieved ~1e-6 on a 2-core CPU).
+The fixtures (tests/data/score_sde_pytorch, see tests/data/README.md) were written by the PyTorch
+reference itself: a checkpoint after 3 training steps (EMA != raw weights) and the reference's network
+outputs and scores on fixed inputs. We load each checkpoint without PyTorch, run our model and
+``get_score_fn``, and require max |ours - theirs| / max |theirs| <= 1e-4 (float32; achieved ~1e-6 on a
+2-core CPU). The refusals are tested on edited copies of those state dicts, made in memory (no PyTorch).
 """
 
 import json
+import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,15 +19,13 @@ import numpy as np
 import pytest
 
 import sde_lib
+import torch_pickle
 from models import torch_port
 from models import utils
 
-FIXTURES = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'fixtures', 'score_sde_pytorch')
+FIXTURES = os.path.join(os.path.dirname(__file__), 'data', 'score_sde_pytorch')
 CASES = ('ncsnpp_ve_fourier', 'ddpmpp_vp_continuous', 'ddpm_vp_discrete')
 RTOL = 1e-4
-
-pytestmark = pytest.mark.skipif(not os.path.isdir(FIXTURES),
-                                reason=f'reference fixtures not found at {os.path.abspath(FIXTURES)}')
 
 
 def _max_rel_err(ours, theirs) -> float:
@@ -97,3 +98,70 @@ def test_checkpointing_imports_pth_files_through_the_port():
   assert step is None
   for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(got, want)
+
+
+def _edit_checkpoints(monkeypatch, edit):
+  """Makes the port read every checkpoint's state dict through ``edit`` (returning a modified copy)."""
+  load = torch_pickle.load
+
+  def edited(path):
+    checkpoint = load(path)
+    return {**checkpoint, 'model': edit(dict(checkpoint['model']))}
+
+  monkeypatch.setattr(torch_pickle, 'load', edited)
+
+
+def _geometric(sigma_max, sigma_min, n):
+  return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), n))
+
+
+@pytest.mark.parametrize('stored, message', [
+    (_geometric(378., 0.01, 1000),
+     'sigma_max=378 (sigmas[0]) but config.model.sigma_max=50; set --config.model.sigma_max=378'),
+    (_geometric(50., 0.002, 1000),
+     'sigma_min=0.002 (sigmas[-1]) but config.model.sigma_min=0.01; set --config.model.sigma_min=0.002'),
+    (_geometric(50., 0.01, 2000),
+     'num_scales=2000 (len(sigmas)) but config.model.num_scales=1000; set --config.model.num_scales=2000'),
+], ids=['sigma_max', 'sigma_min', 'num_scales'])
+def test_noise_schedule_mismatch_is_refused_naming_both_values(monkeypatch, stored, message):
+  _, config, path = _load_case('ncsnpp_ve_fourier')
+  _edit_checkpoints(monkeypatch, lambda state: {**state, 'module.sigmas': stored})
+  with pytest.raises(ValueError, match=re.escape(message)):
+    torch_port.load_score_sde_pytorch(path, config)
+
+
+def test_checkpoint_without_noise_schedule_loads_with_a_warning(monkeypatch, caplog):
+  data, config, path = _load_case('ddpm_vp_discrete')
+  _edit_checkpoints(monkeypatch, lambda state: {k: v for k, v in state.items() if k != 'module.sigmas'})
+  with caplog.at_level(logging.WARNING):
+    variables = torch_port.load_score_sde_pytorch(path, config)
+  assert 'noise schedule cannot be checked' in caplog.text
+  model_out = utils.create_model(config).apply(variables, jnp.asarray(data['x']),
+                                               jnp.asarray(data['labels']), train=False)
+  assert _max_rel_err(model_out, data['model_out']) <= RTOL
+
+
+def test_swapped_modules_of_different_kind_are_refused(monkeypatch):
+  """all_modules.3 (the first Conv) and .6 (the input pyramid's Downsample) hold tensors of the same
+  shapes; swapped, call order and shapes alone would load each into the other's place."""
+  _, config, path = _load_case('ncsnpp_ve_fourier')
+  swap = {'3': '6', '6': '3'}
+
+  def swapped(state):
+    out = {}
+    for key, value in state.items():
+      parts = key.split('.')
+      if parts[1] == 'all_modules':
+        parts[2] = swap.get(parts[2], parts[2])
+      out['.'.join(parts)] = value
+    return out
+
+  state = torch_pickle.load(path)['model']
+  shapes = [sorted(v.shape for k, v in state.items() if k.startswith(f'module.all_modules.{i}.'))
+            for i in (3, 6)]
+  assert shapes[0] == shapes[1]
+  _edit_checkpoints(monkeypatch, swapped)
+  with pytest.raises(ValueError, match=re.escape(
+      'checkpoint module all_modules.3 (single-convolution block: {Conv2d_0/bias (16,), Conv2d_0/kernel '
+      '(3, 3, 3, 16)}) cannot be loaded into Conv_0 (Conv: {bias (16,), kernel (3, 3, 3, 16)})')):
+    torch_port.load_score_sde_pytorch(path, config, ema=False)
