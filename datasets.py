@@ -102,8 +102,11 @@ def validate_data_config(config, process_count: int | None = None) -> None:
     if size % process_count:
       raise ValueError(f'{key}={size} must be divisible by the number of processes ({process_count}); '
                        f'use a multiple of {process_count}.')
+  workers = config.data.num_workers
+  if not _is_int(workers) or workers < 0:
+    raise ValueError(f'config.data.num_workers={workers!r} must be an integer >= 0 (0 = min(8, CPU count)).')
   if name in TOY_DATASETS:
-    dim = config.data.get('dim', 2)
+    dim = config.data.dim
     if not _is_int(dim) or dim <= 0:
       raise ValueError(f'config.data.dim={dim!r} must be a positive integer.')
     if name != 'gmm' and dim != 2:
@@ -130,7 +133,7 @@ def validate_data_config(config, process_count: int | None = None) -> None:
     if channels != 3:
       raise ValueError(f'config.data.num_channels={channels}: {config.data.dataset} is RGB; set '
                        '--config.data.num_channels=3.')
-    if name == 'lsun' and not config.data.get('category'):
+    if name == 'lsun' and not config.data.category:
       raise ValueError("config.data.category is required for LSUN (e.g. 'bedroom', 'church_outdoor'; "
                        'the TFDS name is lsun/{category}).')
   elif name == 'folder':
@@ -258,9 +261,10 @@ def digits_split_indices(split: str) -> np.ndarray:
 
 def _digits_layout(config) -> str:
   size = config.data.image_size
-  layout = config.data.get('digits_layout', 'upsample' if size % DIGITS_SIZE == 0 else 'pad')
+  layout = str(config.data.digits_layout) or ('upsample' if size % DIGITS_SIZE == 0 else 'pad')
   if layout not in DIGITS_LAYOUTS:
-    raise ValueError(f'config.data.digits_layout={layout!r} must be one of {DIGITS_LAYOUTS}.')
+    raise ValueError(f"config.data.digits_layout={layout!r} must be one of {DIGITS_LAYOUTS} or '' (upsample "
+                     f'when image_size is a multiple of {DIGITS_SIZE}, else pad).')
   if size < DIGITS_SIZE:
     raise ValueError(f'config.data.image_size={size}: digits are {DIGITS_SIZE}x{DIGITS_SIZE}; use '
                      f'image_size >= {DIGITS_SIZE} (a multiple of {DIGITS_SIZE} upsamples, others pad).')
@@ -285,7 +289,7 @@ def layout_digits(images: np.ndarray, size: int, layout: str) -> np.ndarray:
 
 def _folder_files(config) -> list[pathlib.Path]:
   """Sorted PNG/JPEG files under ``config.data.path`` (recursive)."""
-  path = config.data.get('path')
+  path = config.data.path
   if not path:
     raise ValueError("config.data.path is required for data.dataset='folder': a directory of PNG/JPEG "
                      'images (searched recursively).')
@@ -325,7 +329,7 @@ def _tfds_source(config, split: str):
   if name == 'lsun':
     tfds_name = f'lsun/{config.data.category}'
   tfds_split = 'validation' if split == 'test' and name in ('celeba', 'lsun') else split
-  data_dir = config.data.get('tfds_data_dir') or None
+  data_dir = config.data.tfds_data_dir or None
   try:
     return tfds.data_source(tfds_name, split=tfds_split, data_dir=data_dir)
   except ModuleNotFoundError as e:
@@ -510,8 +514,8 @@ def _prefetched(make: Callable[[int], Batch], steps: Iterator[int], threaded: bo
 def _loader_pool(config, source) -> concurrent.futures.ThreadPoolExecutor | None:
   if not source.parallel:
     return None
-  workers = int(config.data.get('num_workers', min(8, os.cpu_count() or 1)))
-  return concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix='data-load')
+  workers = int(config.data.num_workers) or min(8, os.cpu_count() or 1)
+  return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='data-load')
 
 
 def get_train_iterator(config, start_step: int = 0, *, process_index: int | None = None,
@@ -532,7 +536,7 @@ def get_train_iterator(config, start_step: int = 0, *, process_index: int | None
   name, seed = dataset_name(config), int(config.seed)
   local = config.training.batch_size // pcount
   if name in TOY_DATASETS:
-    dim = int(config.data.get('dim', 2))
+    dim = int(config.data.dim)
 
     def make_toy(step: int) -> Batch:
       rng = np.random.default_rng([seed, _TAG_TOY_TRAIN, step])
@@ -578,7 +582,7 @@ def get_eval_iterator(config, split: str = 'test', uniform_dequantization: bool 
   split_code = zlib.crc32(split.encode())
   if name in TOY_DATASETS:
     rng = np.random.default_rng([SPLIT_SEED, _TAG_TOY_EVAL, split_code])
-    source = ArraySource(sample_toy(name, rng, TOY_EVAL_SIZE, int(config.data.get('dim', 2))))
+    source = ArraySource(sample_toy(name, rng, TOY_EVAL_SIZE, int(config.data.dim)))
   else:
     source = get_source(config, split)
   n = len(source)

@@ -95,10 +95,10 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
   resumable.open_run_dir(run_dir, settings, 'partial bits/dim results')
   mesh = parallel.data_mesh()
 
-  def network_score(variables, x, t):
-    return mutils.get_score_fn(sde, model, variables, train=False, continuous=True)(x, t)
-  # A Partial's arrays are traced arguments: the weights are not baked into the compiled program.
-  score_fn = jax.tree_util.Partial(network_score, parallel.replicate(mesh, variables))
+  # The label convention the model was trained with (the reference hard-coded continuous=True here,
+  # feeding discretely trained models labels they never saw). A Partial's arrays are traced arguments:
+  # the weights are not baked into the compiled program.
+  score_fn = mutils.network_score_fn(config, sde, model, parallel.replicate(mesh, variables))
   base_rng = jax.random.PRNGKey(int(config.seed) + 1)
   num_batches = math.ceil(datasets.num_examples(config, split) / int(config.eval.batch_size))
   progress = tqdm.tqdm(total=repeats * num_batches, desc=f'bits/dim {split} ckpt {ckpt}', unit='batch',
@@ -115,7 +115,8 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
           bpd, nfe = saved['bpd'], saved['nfe']
         resumed += 1
       else:
-        levels = likelihood.levels_from_unit_interval(batch['image'], num_levels)
+        levels = likelihood.levels_from_unit_interval(
+            batch['image'], num_levels, f'bits/dim input batch {index} (repeat {repeat}) of the {split} split')
         rng = jax.random.fold_in(jax.random.fold_in(base_rng, repeat), index)
         bpd, _, nfe = bpd_fn(rng, score_fn, parallel.shard_batch(mesh, levels))
         mask = parallel.gather(batch['mask'])

@@ -41,6 +41,7 @@ import parallel
 import resumable
 import sampling
 import sde_lib
+from models import utils as mutils
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 GRID_SIZE = 64
@@ -54,11 +55,11 @@ def default_stats_path(config) -> str:
 
 
 def stats_path(config) -> str:
-  return str(config.eval.get('stats_path', '')) or default_stats_path(config)
+  return str(config.eval.stats_path) or default_stats_path(config)
 
 
 def _feature_batch_size(config) -> int:
-  return int(config.eval.get('feature_batch_size', 250))
+  return int(config.eval.feature_batch_size)
 
 
 def _check_config(config) -> None:
@@ -169,7 +170,7 @@ _SAMPLERS: dict[tuple, tuple[sde_lib.SDE, sampling.Sampler]] = {}
 
 def _sampler(config, sde: sde_lib.SDE, shape: tuple[int, ...]) -> sampling.Sampler:
   """The configured sampler, reused across checkpoints: its compiled program takes the weights as
-  arguments (``sampling.model_score_fn``), so only the first checkpoint compiles."""
+  arguments (``models.utils.network_score_fn``), so only the first checkpoint compiles."""
   key = (id(sde), shape, json.dumps(config.sampling.to_dict(), sort_keys=True),
          bool(config.data.centered), datasets.dataset_name(config))
   if key not in _SAMPLERS or _SAMPLERS[key][0] is not sde:
@@ -190,7 +191,7 @@ def sample_settings(config, extractor_name: str) -> dict[str, Any]:
       'seed': int(config.seed),
       'centered': bool(config.data.centered),
       'sde': str(config.training.sde),
-      'sde_params': {k: config.model.get(k) for k in ('num_scales', 'sigma_min', 'sigma_max', 'beta_min',
+      'sde_params': {k: config.model[k] for k in ('num_scales', 'sigma_min', 'sigma_max', 'beta_min',
                                                        'beta_max')},
       'continuous': bool(config.training.continuous),
       'sampling': config.sampling.to_dict(),
@@ -217,7 +218,7 @@ def evaluate_samples(config, eval_dir: str, ckpt: int | str, model: nn.Module, v
   num_samples, batch_size = int(config.eval.num_samples), int(config.eval.batch_size)
   num_rounds = math.ceil(num_samples / batch_size)
   sampler = _sampler(config, sde, (batch_size,) + tuple(datasets.data_shape(config)))
-  score_fn = sampling.model_score_fn(sde, model, variables, continuous=config.training.continuous)
+  score_fn = mutils.network_score_fn(config, sde, model, variables)
   rng = jax.random.PRNGKey(int(config.seed))
   feature_batch = _feature_batch_size(config)
 

@@ -151,7 +151,7 @@ def get_feature_extractor(config) -> FeatureExtractor:
     import datasets  # pylint: disable=import-outside-toplevel
     layout = datasets._digits_layout(config)  # pylint: disable=protected-access
     return _digits_extractor(int(config.data.image_size), layout)
-  return _inception_extractor(str(config.eval.get('inception_path', '')))
+  return _inception_extractor(str(config.eval.inception_path))
 
 
 @functools.lru_cache(maxsize=4)

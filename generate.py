@@ -54,7 +54,7 @@ def generate(config, workdir: str, checkpoint: str | int | None = None, out_dir:
   variables, step = checkpointing.load_variables(config, workdir, checkpoint)
   sde = sde_lib.get_sde(config)
   model = mutils.create_model(config)
-  score_fn = sampling.model_score_fn(sde, model, variables, continuous=config.training.continuous)
+  score_fn = mutils.network_score_fn(config, sde, model, variables)
   shape = (batch_size,) + tuple(datasets.data_shape(config))
   toy = len(shape) == 2
   inverse_scaler = None if toy else datasets.get_data_inverse_scaler(config)

@@ -89,6 +89,17 @@ def _check_options(sde: sde_lib.SDE, hutchinson_type: str, num_probes: int, rtol
     raise ValueError(f'max_steps must be a positive integer, got {max_steps}.')
 
 
+def check_finite_data(x, what: str = 'the data') -> None:
+  """Raises ValueError if ``x`` (concrete: numpy or a jax array, not a tracer) holds NaN or Inf: the
+  ODE solve would turn them into NaN log-likelihoods, or an integer cast into arbitrary levels."""
+  if isinstance(x, jax.core.Tracer) or not jnp.issubdtype(x.dtype, jnp.inexact):
+    return
+  count = int(jnp.sum(~jnp.isfinite(x))) if isinstance(x, jax.Array) else int(np.sum(~np.isfinite(x)))
+  if count:
+    raise ValueError(f'{what} has {count} non-finite values (NaN or Inf) among {x.size}; a log-likelihood '
+                     '(bits/dim) of them is undefined: check the data pipeline.')
+
+
 def _draw_probes(rng: Array, hutchinson_type: str, shape: tuple[int, ...], num_probes: int) -> Array:
   """(B, P, ...) probes with E[ε εᵀ] = I; for 'exact', a placeholder of P = 0 probes."""
   batch, example = shape[0], shape[1:]
@@ -183,7 +194,7 @@ def get_log_likelihood_fn(sde: sde_lib.SDE, hutchinson_type: str = 'rademacher',
 
   The batch is split over all devices (``parallel.data_mesh``): B must be divisible by the device
   count. The solve is jitted with ``score_fn`` as an argument: a ``jax.tree_util.Partial`` (e.g.
-  ``sampling.model_score_fn(sde, model, variables)``) has its arrays traced, so new weights reuse the
+  ``models.utils.network_score_fn(config, sde, model, variables)``) has its arrays traced, so new weights reuse the
   compiled program; any other callable is a static part of the program (compiled once per function
   object, its closed-over arrays baked in as constants).
   """
@@ -194,6 +205,7 @@ def get_log_likelihood_fn(sde: sde_lib.SDE, hutchinson_type: str = 'rademacher',
   jitted = jax.jit(lambda rng, score_tree, x: _log_likelihood(sde, rng, score_tree, x, **options))
 
   def log_likelihood_fn(rng: Array, score_fn: ScoreFn, x: Array) -> tuple[Array, Array, Array]:
+    check_finite_data(x, 'the input x of the log-likelihood')
     parallel.check_batch_size(x.shape[0], 'the batch size of x')
     score_tree = as_pytree(score_fn)
     if mesh is not None:
@@ -273,6 +285,7 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, num_levels: in
   jitted = jax.jit(bits_per_dim)
 
   def likelihood_fn(rng: Array, score_fn: ScoreFn, levels: Array) -> tuple[Array, Array, Array]:
+    check_finite_data(levels, 'the data given to bits/dim')
     if not jnp.issubdtype(levels.dtype, jnp.integer):
       raise TypeError(
           f'get_likelihood_fn expects integer data levels in [0, {num_levels - 1}] (e.g. uint8 pixels), '
@@ -292,11 +305,14 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, num_levels: in
   return likelihood_fn
 
 
-def levels_from_unit_interval(images: np.ndarray, num_levels: int) -> np.ndarray:
+def levels_from_unit_interval(images: np.ndarray, num_levels: int,
+                              what: str = 'the image batch') -> np.ndarray:
   """Integer levels from images k / (L - 1) in [0, 1] (a pipeline without dequantization).
 
-  Raises if the images are not on that grid (already dequantized or differently scaled).
+  Raises ValueError, naming them as ``what``, if the images hold NaN or Inf or are not on that grid
+  (already dequantized or differently scaled).
   """
+  check_finite_data(np.asarray(images), what)
   scaled = np.asarray(images, np.float64) * (num_levels - 1)
   levels = np.rint(scaled)
   off_grid = scaled.size and np.max(np.abs(scaled - levels)) > 1e-3

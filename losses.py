@@ -129,7 +129,7 @@ def check_objective(config) -> None:
   sde_name = str(training.sde).lower()
   if training.continuous:
     return
-  if training.get('sliced_score_matching', False):
+  if training.sliced_score_matching:
     raise ValueError('config.training.sliced_score_matching=True needs config.training.continuous=True.')
   if training.likelihood_weighting:
     raise ValueError('config.training.likelihood_weighting=True is only defined for continuous training; '
@@ -160,10 +160,10 @@ def get_loss_fn(config, sde: sde_lib.SDE, model, train: bool) -> LossFn:
         return smld_loss(rng, model_fn, sde, x, reduce_mean=reduce_mean)
       return ddpm_loss(rng, model_fn, sde, x, reduce_mean=reduce_mean)
     score_fn = mutils.get_score_fn(sde, model, variables, train=train, continuous=True, rng=dropout_rng)
-    if training.get('sliced_score_matching', False):
+    if training.sliced_score_matching:
       return ssm_loss(rng, score_fn, sde, x, reduce_mean=reduce_mean,
-                      variance_reduction=bool(training.get('ssm_variance_reduction', True)),
-                      n_projections=int(training.get('ssm_n_projections', 1)), eps=training.eps)
+                      variance_reduction=bool(training.ssm_variance_reduction),
+                      n_projections=int(training.ssm_n_projections), eps=training.eps)
     return sde_loss(rng, score_fn, sde, x, reduce_mean=reduce_mean,
                     likelihood_weighting=bool(training.likelihood_weighting), eps=training.eps)
   return loss_fn
@@ -223,7 +223,7 @@ def get_train_step(config, loss_fn: LossFn, optimizer: optax.GradientTransformat
   (XLA inserts the cross-device reductions the reference wrote as ``lax.pmean``).
   """
   ema_rate = float(config.model.ema_rate)
-  ema_warmup = bool(config.model.get('ema_warmup', False))
+  ema_warmup = bool(config.model.ema_warmup)
 
   def train_step(state: TrainState, x: Array) -> tuple[TrainState, dict[str, Array]]:
     rng, step_rng = jax.random.split(state.rng)

@@ -1,6 +1,7 @@
 """Command line: train, evaluate, sample, or compute dataset statistics.
 
   python main.py --config=configs/ve/digits_ncsnpp_continuous.py --workdir=runs/digits --mode=train
+  python main.py --config=... --workdir=runs/digits --mode=train --allow_config_change  # resume, changed
   python main.py --config=... --workdir=runs/digits --mode=eval --eval_folder=eval
   python main.py --config=... --workdir=runs/digits --mode=sample [--checkpoint=3 | PATH | model.pth]
   python main.py --config=... --workdir=runs/digits --mode=fid_stats
@@ -26,6 +27,11 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'fid_stats'], 'Wh
 flags.DEFINE_string('eval_folder', 'eval', 'Subdirectory of workdir for evaluation outputs.')
 flags.DEFINE_string('checkpoint', None, '--mode=sample: a checkpoint index k (checkpoints/checkpoint_k), '
                     'a checkpoint directory, or a score_sde_pytorch .pth file; default the newest.')
+flags.DEFINE_bool('allow_config_change', False,
+                  '--mode=train: resume a workdir whose recorded config.json differs in keys that change '
+                  'what is learned (model, SDE, data, optimizer, ...); without it such a resume is refused. '
+                  'n_iters, the log/eval/preemption frequencies, eval.* and sampling.* may always change '
+                  '(run_lib.RESUME_MUTABLE_KEYS).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port of process 0.')
 flags.DEFINE_integer('num_processes', 1, 'Multi-process: number of processes.')
 flags.DEFINE_integer('process_id', 0, 'Multi-process: this process.')
@@ -63,7 +69,7 @@ def main(argv):
 
   import run_lib  # pylint: disable=import-outside-toplevel  (after jax.distributed.initialize)
   if FLAGS.mode == 'train':
-    run_lib.train(config, workdir)
+    run_lib.train(config, workdir, allow_config_change=FLAGS.allow_config_change)
   elif FLAGS.mode == 'eval':
     run_lib.evaluate(config, workdir, FLAGS.eval_folder)
   elif FLAGS.mode == 'sample':

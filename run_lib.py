@@ -7,7 +7,9 @@ state replicated; ``n_jitted_steps`` updates run per host call under ``lax.scan`
 
 Exact resumption: the data are a pure function of (config, step) (``datasets.get_train_iterator``), the
 random key lives in the checkpointed state, so a run killed at any point and restarted ends with the
-same parameters as one that was never interrupted.
+same parameters as one that was never interrupted. A restart resumes from the newest checkpoint that
+restores (a damaged one is reported and set aside, ``checkpointing.restore_newest``) and only with the
+config the workdir was started with (``check_resume_config``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import datasets
 import images
 import losses
 import parallel
+import resumable
 import sde_lib
 from models import utils as mutils
 
@@ -87,7 +90,73 @@ def _validate_sampling_config(config) -> None:
 
 
 def _snapshot_batch_size(config) -> int:
-  return int(config.training.get('snapshot_batch_size', config.training.batch_size))
+  return int(config.training.snapshot_batch_size) or int(config.training.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The config a workdir was started with
+
+
+CONFIG_FILE = 'config.json'
+# What a resumed run may change without --allow_config_change (see check_resume_config); a key ending in
+# '.' stands for its whole group.
+RESUME_MUTABLE_KEYS = ('training.n_iters', 'training.log_freq', 'training.eval_freq',
+                       'training.snapshot_freq_for_preemption', 'training.n_jitted_steps',
+                       'training.snapshot_sampling', 'training.snapshot_batch_size', 'eval.', 'sampling.',
+                       'data.tfds_data_dir', 'data.num_workers')
+_ABSENT = '(absent)'
+
+
+def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flat(value, f'{prefix}{key}.') if isinstance(value, dict) else {prefix + key: value})
+  return flat
+
+
+def config_changes(recorded: dict[str, Any], config) -> dict[str, tuple[Any, Any]]:
+  """{key: (recorded value, value in ``config``)} of the keys outside ``RESUME_MUTABLE_KEYS`` that differ
+  between a recorded config (nested JSON) and ``config`` (compared as JSON: tuples as lists)."""
+  old, new = _flat(recorded), _flat(json.loads(config.to_json_best_effort()))
+  return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
+          if old.get(k, _ABSENT) != new.get(k, _ABSENT)
+          and not any(k == m or (m.endswith('.') and k.startswith(m)) for m in RESUME_MUTABLE_KEYS)}
+
+
+def check_resume_config(config, workdir: str, allow_change: bool = False) -> None:
+  """Refuses to resume ``workdir``'s checkpoints with another config; records ``config`` there.
+
+  A workdir holds one experiment. When it has checkpoints, ``config`` is compared with
+  ``workdir/config.json`` (written at the first start, and rewritten at each start); keys that differ
+  raise a ValueError naming them with both values, or, with ``allow_change`` (``main.py
+  --allow_config_change``), are logged in a warning and the run resumes. A key added or removed (e.g. by
+  a newer version of the code) counts as changed.
+
+  Always allowed (``RESUME_MUTABLE_KEYS``), since they change when things happen or how a run is watched,
+  not what it learns: ``training.n_iters`` (extend or shorten a run), ``training.log_freq``,
+  ``eval_freq``, ``snapshot_freq_for_preemption``, ``n_jitted_steps``, ``snapshot_sampling``,
+  ``snapshot_batch_size``, every ``eval.*`` and ``sampling.*`` key, ``data.tfds_data_dir`` and
+  ``data.num_workers``. Not ``training.snapshot_freq``: permanent checkpoint k holds the state after
+  k·snapshot_freq steps, so changing it renumbers (and overwrites) the snapshots. A workdir with
+  checkpoints but no ``config.json`` (written by an older version) is not checked; it gets one.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if checkpointing.has_checkpoints(workdir) and os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      changes = config_changes(json.load(f), config)
+    listing = '; '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in changes.items())
+    if changes and not allow_change:
+      mutable = ', '.join(k + '*' if k.endswith('.') else k for k in RESUME_MUTABLE_KEYS)
+      raise ValueError(
+          f'{workdir} holds checkpoints trained with another config ({path}); changed: {listing}. Resuming '
+          'them with these changes would continue that run as another experiment: use a new --workdir, '
+          'or pass --allow_config_change (run_lib.train(..., allow_config_change=True)) to resume anyway. '
+          f'Keys that may change on resume: {mutable}.')
+    if changes:
+      logging.warning('resuming %s with a changed config (--allow_config_change): %s', workdir, listing)
+  if jax.process_index() == 0:
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    resumable.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,16 +281,19 @@ def build_multi_step(config, sde: sde_lib.SDE, model, optimizer, mesh):
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def train(config, workdir: str) -> losses.TrainState:
+def train(config, workdir: str, allow_config_change: bool = False) -> losses.TrainState:
   """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the final state.
 
-  Outputs: ``checkpoints/``, ``checkpoints-meta/``, ``samples/iter_{step}/``, ``tensorboard/``,
-  ``metrics.jsonl``. Stops early, after saving, on SIGTERM.
+  Outputs: ``config.json``, ``checkpoints/``, ``checkpoints-meta/``, ``samples/iter_{step}/``,
+  ``tensorboard/``, ``metrics.jsonl``. Stops early, after saving, on SIGTERM. Resumes from the newest
+  checkpoint that restores (``checkpointing.restore_newest``), and only with the config of the run
+  unless ``allow_config_change`` (``check_resume_config``).
   """
   validate_config(config, 'train')
   training = config.training
   n_iters, n_jitted = int(training.n_iters), int(training.n_jitted_steps)
   os.makedirs(workdir, exist_ok=True)
+  check_resume_config(config, workdir, allow_config_change)
   mesh = parallel.data_mesh()
 
   rng = jax.random.PRNGKey(config.seed)
@@ -231,14 +303,14 @@ def train(config, workdir: str) -> losses.TrainState:
   optimizer = losses.get_optimizer(config)
   state = parallel.replicate(mesh, losses.init_train_state(rng, variables['params'], optimizer))
 
+  resumed = checkpointing.restore_newest(workdir, state)
+  if resumed is not None:
+    state = resumed.state
+    logging.info('resumed from the %s checkpoint %d at step %d (%s)', resumed.kind, resumed.index,
+                 int(state.step), resumed.path)
+  initial_step = int(state.step)
   preemption = checkpointing.preemption_manager(workdir)
   permanent = checkpointing.permanent_manager(workdir)
-  newest = checkpointing.newest_training_state(workdir)
-  if newest is not None:
-    kind, index, _ = newest
-    state, _ = checkpointing.restore(preemption if kind == 'preemption' else permanent, index, state)
-    logging.info('resumed from the %s checkpoint %d at step %d', kind, index, int(state.step))
-  initial_step = int(state.step)
 
   sde = sde_lib.get_sde(config)
   scaler = datasets.get_data_scaler(config)
@@ -307,7 +379,8 @@ def train(config, workdir: str) -> losses.TrainState:
           snapshotter(step, state.params_ema)
 
       if stop() and step < n_iters:
-        save_preemption(step)
+        if step % training.snapshot_freq_for_preemption:
+          save_preemption(step)
         logging.info('SIGTERM: saved the preemption checkpoint at step %d; exiting', step)
         break
   finally:
@@ -352,8 +425,7 @@ class _Snapshotter:
 
   def __call__(self, step: int, params) -> None:
     start = time.time()
-    score_fn = self._sampling.model_score_fn(self._sde, self._model, {'params': params},
-                                             continuous=bool(self._config.training.continuous))
+    score_fn = mutils.network_score_fn(self._config, self._sde, self._model, {'params': params})
     samples, nfe = self._sampler(jax.random.fold_in(self._rng, step), score_fn)
     samples = parallel.gather(samples)
     if jax.process_index() == 0:
@@ -373,7 +445,7 @@ def _checkpoint_indices(config, workdir: str) -> list[int]:
   if not available:
     raise FileNotFoundError(f'no checkpoints in {os.path.join(workdir, checkpointing.PERMANENT_DIR)}; '
                             'train first (--mode=train).')
-  begin, end = config.eval.get('begin_ckpt'), config.eval.get('end_ckpt')
+  begin, end = config.eval.begin_ckpt, config.eval.end_ckpt
   if begin is None and end is None:
     return [available[-1]]
   begin = available[0] if begin is None else int(begin)

@@ -5,7 +5,7 @@ Song et al., "Score-Based Generative Modeling through Stochastic Differential Eq
 (eq. 13, appendix D.3); annealed Langevin dynamics of NCSN (Song & Ermon 2019, Alg. 1).
 
 Every sampler takes any ``score_fn(x, t)``: an exact analytic score (``analytic.score_fn``), a trained
-network (``model_score_fn`` below) or an imported checkpoint. A plain Python callable is compiled once per
+network or an imported checkpoint (``models.utils.network_score_fn``). A plain Python callable is compiled once per
 function object with whatever it closes over baked in as constants; a ``jax.tree_util.Partial`` is a
 pytree, so its arguments (a network's variables) are ``jit`` arguments and new weights of the same shapes
 reuse the compiled sampler.
@@ -20,8 +20,7 @@ couples the samples of a batch; ``langevin_per_sample=True`` removes the couplin
 from __future__ import annotations
 
 import abc
-import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import diffrax
 import jax
@@ -287,34 +286,6 @@ class NoneCorrector(Corrector):
 # Score functions as jit arguments.
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _ModelScore:
-  """``(variables, x, t) -> score`` for one (SDE, model, convention). Equal when built from the same
-  SDE and model objects, so ``jit`` caches one compiled sampler for all weights of that model."""
-  sde: sde_lib.SDE
-  model: Any
-  continuous: bool
-
-  def __call__(self, variables, x, t):
-    from models import utils as mutils  # pylint: disable=import-outside-toplevel  (flax is heavy)
-    return mutils.get_score_fn(self.sde, self.model, variables, train=False,
-                               continuous=self.continuous)(x, t)
-
-  def __eq__(self, other):
-    return (isinstance(other, _ModelScore) and self.sde is other.sde and self.model is other.model
-            and self.continuous == other.continuous)
-
-  def __hash__(self):
-    return hash((id(self.sde), id(self.model), self.continuous))
-
-
-def model_score_fn(sde: sde_lib.SDE, model, variables, continuous: bool = True) -> ScoreFn:
-  """A network's ``score_fn(x, t)`` (``models.utils.get_score_fn`` conventions, eval mode) whose
-  ``variables`` are traced ``jit`` arguments of the sampler: one compile per (SDE, model, shape), however
-  many checkpoints are sampled."""
-  return jax.tree_util.Partial(_ModelScore(sde, model, bool(continuous)), variables)
-
-
 def _as_pytree(score_fn: ScoreFn) -> jax.tree_util.Partial:
   if isinstance(score_fn, jax.tree_util.Partial):
     return score_fn
@@ -534,12 +505,11 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape, inverse_scaler=None,
   eps = float(cfg.eps if eps is None else eps)
   method = str(cfg.method).lower()
   if method == 'ode':
-    return get_ode_sampler(sde, shape, rtol=cfg.get('ode_rtol', 1e-5), atol=cfg.get('ode_atol', 1e-5),
-                           method=cfg.get('ode_method', 'dopri5'), eps=eps,
+    return get_ode_sampler(sde, shape, rtol=cfg.ode_rtol, atol=cfg.ode_atol, method=cfg.ode_method, eps=eps,
                            denoise=cfg.noise_removal, inverse_scaler=inverse_scaler)
   if method == 'pc':
     return get_pc_sampler(sde, shape, cfg.predictor, cfg.corrector, snr=cfg.snr,
                           n_steps=cfg.n_steps_each, probability_flow=cfg.probability_flow,
                           denoise=cfg.noise_removal, eps=eps, inverse_scaler=inverse_scaler,
-                          langevin_per_sample=cfg.get('langevin_per_sample', False))
+                          langevin_per_sample=cfg.langevin_per_sample)
   raise ValueError(f"config.sampling.method={cfg.method!r} is not known; choose 'pc' or 'ode'.")

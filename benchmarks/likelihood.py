@@ -60,12 +60,6 @@ def _variables(config, workdir: str | None):
   return model, variables, 'random init (no trained checkpoint given)'
 
 
-def _score_fn(sde, model, variables):
-  def network_score(variables, x, t):
-    return mutils.get_score_fn(sde, model, variables, train=False, continuous=True)(x, t)
-  return jax.tree_util.Partial(network_score, variables)
-
-
 def _timed(fn, rng, score_fn, levels):
   start = time.perf_counter()
   bpd, _, nfe = fn(rng, score_fn, levels)
@@ -80,7 +74,7 @@ def _bench(name, config, levels, variables_from, max_steps=4096):
       sde, datasets.get_data_inverse_scaler(config), num_levels=config.data.num_levels,
       hutchinson_type='rademacher', num_probes=1, rtol=TOL, atol=TOL, eps=1e-5, method='dopri5',
       max_steps=max_steps)
-  score_fn = _score_fn(sde, model, variables)
+  score_fn = mutils.network_score_fn(config, sde, model, variables)
   first, _, _ = _timed(fn, jax.random.PRNGKey(1), score_fn, levels)
   wall, bpd, nfe = _timed(fn, jax.random.PRNGKey(2), score_fn, levels)
   print(f'[{name}] {source}; {mutils.param_count(variables):,} parameters; batch {levels.shape[0]} '

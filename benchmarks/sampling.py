@@ -144,7 +144,7 @@ def _bench_pc(label, config, model, variables, source, batch, samplers, steps):
   full sampler's time (N = config.model.num_scales) is the per-evaluation time times its NFE."""
   full_n = config.model.num_scales
   sde = _cut_sde(config, steps)
-  score_fn = sampling.model_score_fn(sde, model, variables, continuous=config.training.continuous)
+  score_fn = mutils.network_score_fn(config, sde, model, variables)
   shape = (batch,) + tuple(datasets.data_shape(config))
   print(f'\n## {label}: {mutils.param_count(variables):,} parameters, {source}, batch {batch} of '
         f'{shape[1:]}; PC samplers timed over {steps} steps, full N = {full_n} extrapolated')
@@ -179,7 +179,7 @@ def model_benchmarks():
              ('PC none + ald', pc('none', 'ald'))], FLAGS.digits_steps)
   sde = sde_lib.get_sde(config)
   shape = (FLAGS.digits_batch,) + tuple(datasets.data_shape(config))
-  score_fn = sampling.model_score_fn(sde, model, variables)
+  score_fn = mutils.network_score_fn(config, sde, model, variables)
   sampler = sampling.get_ode_sampler(sde, shape, eps=eps, inverse_scaler=inverse)
   first, _, _ = _timed(sampler, jax.random.PRNGKey(0), score_fn)
   wall, _, nfe = _timed(sampler, jax.random.PRNGKey(1), score_fn)

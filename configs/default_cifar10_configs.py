@@ -21,6 +21,8 @@ def get_default_configs():
   training.eps = 1e-5  # ours: t ~ U(eps, T) in the continuous loss (the reference hard-codes 1e-5)
   training.sliced_score_matching = False  # ours: sliced score matching (Song et al. 2019) instead of DSM
   training.ssm_variance_reduction = True  # ours
+  training.ssm_n_projections = 1  # ours: random projections per example in sliced score matching
+  training.snapshot_batch_size = 0  # ours: samples drawn at each snapshot (0 = training.batch_size)
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = 'pc'
@@ -69,6 +71,10 @@ def get_default_configs():
   data.category = ''  # ours: LSUN category (TFDS lsun/{category})
   data.tfds_data_dir = ''  # ours: TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
   data.dim = 2  # ours: dimension of toy data (gmm, checkerboard, swissroll, moons)
+  # ours: how digits reach image_size: 'upsample' (nearest neighbour, a multiple of 8) or 'pad' (zeros
+  # around the centre); '' = upsample when image_size is a multiple of 8, else pad.
+  data.digits_layout = ''
+  data.num_workers = 0  # ours: image-loading threads (0 = min(8, CPU count))
 
   config.model = model = ml_collections.ConfigDict()
   model.sigma_min = 0.01
@@ -78,6 +84,26 @@ def get_default_configs():
   model.beta_max = 20.
   model.dropout = 0.1
   model.embedding_type = 'fourier'
+  model.ema_warmup = False  # ours: True uses score_sde_pytorch's EMA warm-up min(rate, (1+n)/(10+n))
+  # ours as defaults (the reference sets these in its experiment configs; ours change what differs):
+  model.fourier_scale = 16.  # Gaussian Fourier features' scale, read with embedding_type='fourier'
+  model.scale_by_sigma = False  # every network: divide the output by sigma
+  # NCSN's noise-conditional normalisation rows, 0 = one per noise level (num_scales), the only value that
+  # works (the reference never sets it, so its NCSN could not build).
+  model.num_classes = 0
+  model.interpolation = 'bilinear'  # NCSN / NCSNv2: how RefineNet resizes ('bilinear' or 'nearest')
+  # The U-Net options (models/ncsnpp.py; the first two also models/ddpm.py) at the values of the
+  # reference's NCSN++ CIFAR-10 configs.
+  model.conditional = True
+  model.resamp_with_conv = True
+  model.resblock_type = 'biggan'
+  model.fir = True
+  model.fir_kernel = [1, 3, 3, 1]
+  model.progressive = 'none'
+  model.progressive_input = 'residual'
+  model.progressive_combine = 'sum'
+  model.skip_rescale = True
+  model.init_scale = 0.
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.weight_decay = 0.  # float, for command-line overrides

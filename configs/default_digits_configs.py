@@ -49,7 +49,6 @@ def get_default_configs():
   model.num_scales = 500  # sampling steps; 500 suffice for 8x8 digits and halve the sampling time
   model.dropout = 0.
   model.ema_rate = 0.999
-  model.ema_warmup = False  # ours: True uses score_sde_pytorch's EMA warm-up min(rate, (1+n)/(10+n))
   model.normalization = 'GroupNorm'
   model.nonlinearity = 'swish'
   model.nf = 32

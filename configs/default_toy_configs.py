@@ -43,7 +43,6 @@ def get_default_configs():
   model.num_scales = 1000
   model.dropout = 0.
   model.ema_rate = 0.99  # runs are a few thousand steps: 0.999 would still remember the first ones
-  model.ema_warmup = False
   model.fourier_scale = 16.
 
   optim = config.optim

@@ -32,7 +32,7 @@ class DDPM(nn.Module):
     """Image size vs. down-samplings; every channel count a multiple of GroupNorm's 32 groups."""
     layers.get_act(config)
     normalization.get_normalization(config)
-    if config.model.get('normalization', 'GroupNorm') == 'GroupNorm':
+    if config.model.normalization == 'GroupNorm':
       layers.check_unet_config(config, lambda channels: 32, 'DDPM')
     else:
       layers.check_unet_config(config, lambda channels: 1, 'DDPM')
@@ -45,14 +45,14 @@ class DDPM(nn.Module):
     normalize = normalization.get_normalization(config)
     nf, ch_mult = int(m.nf), tuple(m.ch_mult)
     num_res_blocks, attn_resolutions = int(m.num_res_blocks), tuple(m.attn_resolutions)
-    resamp_with_conv = bool(m.get('resamp_with_conv', True))
+    resamp_with_conv = bool(m.resamp_with_conv)
     num_resolutions = len(ch_mult)
 
     attn_block = functools.partial(layers.AttnBlock, normalize=normalize)
     resnet_block = functools.partial(layers.ResnetBlockDDPM, act=act, normalize=normalize,
-                                     dropout=float(m.get('dropout', 0.1)))
+                                     dropout=float(m.dropout))
 
-    if m.get('conditional', True):
+    if m.conditional:
       temb = layers.get_timestep_embedding(labels, nf)
       temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(temb)
       temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(act(temb))
@@ -87,7 +87,7 @@ class DDPM(nn.Module):
     h = act(normalize()(h))
     h = layers.ddpm_conv3x3(h, x.shape[-1], init_scale=0.)
 
-    if m.get('scale_by_sigma', False):
+    if m.scale_by_sigma:
       sigmas = jnp.asarray(utils.get_sigmas(config))
       h = h / sigmas[labels.astype(jnp.int32)].reshape((-1,) + (1,) * (h.ndim - 1))
     return h

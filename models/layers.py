@@ -29,7 +29,7 @@ _ACTIVATIONS = {
 
 def get_act(config) -> Callable[[Array], Array]:
   """The activation named by ``config.model.nonlinearity``."""
-  name = str(config.model.get('nonlinearity', 'swish')).lower()
+  name = str(config.model.nonlinearity).lower()
   if name not in _ACTIVATIONS:
     raise ValueError(f'config.model.nonlinearity={name!r} is not known; choose one of {sorted(_ACTIVATIONS)}.')
   return _ACTIVATIONS[name]

@@ -41,7 +41,9 @@ class MLP(nn.Module):
     import datasets  # pylint: disable=import-outside-toplevel
     cfg = config.model
     for key in ('nf', 'num_layers'):
-      value = cfg.get(key)
+      if key not in cfg:
+        raise ValueError(f'the MLP needs config.model.{key} (see configs/default_toy_configs.py).')
+      value = cfg[key]
       if not isinstance(value, int) or value < (1 if key == 'nf' else 0):
         raise ValueError(f'config.model.{key}={value!r} must be a '
                          f'{"positive" if key == "nf" else "non-negative"} integer.')
@@ -62,7 +64,7 @@ class MLP(nn.Module):
 
     if embedding_type == 'fourier':
       used_sigmas = labels
-      fourier_scale = float(cfg.get('fourier_scale', 16.))
+      fourier_scale = float(cfg.fourier_scale)
       temb = layerspp.GaussianFourierProjection(embedding_size=nf // 2, scale=fourier_scale)(jnp.log(labels))
     elif embedding_type == 'positional':
       used_sigmas = jnp.asarray(mutils.get_sigmas(self.config))[labels.astype(jnp.int32)]
@@ -83,6 +85,6 @@ class MLP(nn.Module):
       h = (h + skip) / np.sqrt(2.)
     h = nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros)(act(h))
 
-    if cfg.get('scale_by_sigma', False):
+    if cfg.scale_by_sigma:
       h = h / used_sigmas.reshape((-1,) + (1,) * (h.ndim - 1))
     return h

@@ -32,23 +32,11 @@ from models import utils
 
 Array = jax.Array
 
-# Options with the values of the paper's NCSN++ CIFAR-10 configs, so small configs may leave them out.
-_DEFAULTS = {
-    'conditional': True,
-    'embedding_type': 'fourier',
-    'fourier_scale': 16.,
-    'resblock_type': 'biggan',
-    'fir': True,
-    'fir_kernel': (1, 3, 3, 1),
-    'resamp_with_conv': True,
-    'progressive': 'none',
-    'progressive_input': 'residual',
-    'progressive_combine': 'sum',
-    'skip_rescale': True,
-    'init_scale': 0.,
-    'dropout': 0.1,
-    'scale_by_sigma': False,
-}
+# The config.model keys NCSN++ reads: the first four from the experiment config, the options from
+# configs/default_cifar10_configs.py (the reference's NCSN++ values) unless the experiment changes them.
+_KEYS = ('nf', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'conditional', 'embedding_type',
+         'fourier_scale', 'resblock_type', 'fir', 'fir_kernel', 'resamp_with_conv', 'progressive',
+         'progressive_input', 'progressive_combine', 'skip_rescale', 'init_scale', 'dropout', 'scale_by_sigma')
 _CHOICES = {
     'embedding_type': ('fourier', 'positional'),
     'resblock_type': ('biggan', 'ddpm'),
@@ -88,15 +76,15 @@ class Options:
 def get_options(config: ml_collections.ConfigDict) -> Options:
   """Reads and checks ``config.model`` for NCSN++; errors name the key and the allowed values."""
   m = config.model
-  for key in ('nf', 'ch_mult', 'num_res_blocks', 'attn_resolutions'):
+  for key in _KEYS:
     if key not in m:
       raise ValueError(f'NCSN++ needs config.model.{key} (see configs/vp/cifar10_ddpmpp_continuous.py).')
-  values = {key: m.get(key, default) for key, default in _DEFAULTS.items()}
+  values = {key: m[key] for key in _KEYS}
   for key, allowed in _CHOICES.items():
     values[key] = str(values[key]).lower()
     if values[key] not in allowed:
       raise ValueError(f'config.model.{key}={values[key]!r} is not known; choose one of {allowed}.')
-  if values['embedding_type'] == 'fourier' and not config.training.get('continuous', True):
+  if values['embedding_type'] == 'fourier' and not config.training.continuous:
     raise ValueError("config.model.embedding_type='fourier' embeds a continuous σ; with "
                      "config.training.continuous=False use embedding_type='positional'.")
   return Options(
@@ -112,7 +100,7 @@ def get_options(config: ml_collections.ConfigDict) -> Options:
       skip_rescale=bool(values['skip_rescale']), init_scale=float(values['init_scale']),
       dropout=float(values['dropout']), scale_by_sigma=bool(values['scale_by_sigma']),
       labels_are_sigmas=(values['embedding_type'] == 'fourier' or (
-          config.training.get('continuous', True) and config.training.get('sde', '') == 'vesde')))
+          config.training.continuous and str(config.training.sde).lower() == 'vesde')))
 
 
 @utils.register_model(name='ncsnpp')

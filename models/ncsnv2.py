@@ -6,7 +6,7 @@
   (technique 3, ``scale_by_sigma``).
 - ``ncsn``: NCSN v1 ("Generative Modeling by Estimating Gradients of the Data Distribution",
   arXiv:1907.05600), the 64-px layout with noise-conditional InstanceNorm++ (one row of γ, α, β per
-  noise level: ``config.model.num_classes``, default ``num_scales``) in every block.
+  noise level: ``config.model.num_classes``, 0 meaning ``num_scales``) in every block.
 
 A ResNet encoder (stages of two ``ResidualBlock``s; dilation instead of down-sampling in the deeper stages)
 feeds a RefineNet decoder that fuses each stage, deepest first. Labels are integer noise-level indices.
@@ -65,7 +65,7 @@ class _RefineNet(nn.Module):
     """Activation, normalisation, and image size divisible by the encoder's down-sampling factor."""
     layers.get_act(config)
     normalization.get_normalization(config, conditional=cls.conditional)
-    interpolation = config.model.get('interpolation', 'bilinear')
+    interpolation = config.model.interpolation
     if interpolation not in layers.INTERPOLATIONS:
       raise ValueError(f'config.model.interpolation={interpolation!r}; choose one of {layers.INTERPOLATIONS}.')
     size = int(config.data.image_size)
@@ -74,11 +74,10 @@ class _RefineNet(nn.Module):
       raise ValueError(f'config.data.image_size={size} must be divisible by {factor} for '
                        f'config.model.name={config.model.name!r} (it halves the resolution '
                        f'{_downsamplings(cls.size)} times).')
-    if cls.conditional and int(config.model.get('num_classes', config.model.num_scales)) != int(
-        config.model.num_scales):
+    if cls.conditional and normalization.num_classes(config) != int(config.model.num_scales):
       raise ValueError(f'NCSN needs one embedding row per noise level: config.model.num_classes '
                        f'({config.model.num_classes}) must equal config.model.num_scales '
-                       f'({config.model.num_scales}).')
+                       f'({config.model.num_scales}), or be 0 (the default) to follow it.')
 
   @nn.compact
   def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
@@ -88,7 +87,7 @@ class _RefineNet(nn.Module):
     nf = int(m.nf)
     act = layers.get_act(config)
     norm = normalization.get_normalization(config, conditional=self.conditional)
-    interpolation = str(m.get('interpolation', 'bilinear'))
+    interpolation = str(m.interpolation)
     stages, refine_mults = _ARCHITECTURES[self.size]
     y = labels.astype(jnp.int32) if self.conditional else None
     block = functools.partial(layers.ResidualBlock, normalization=norm, act=act,
@@ -115,7 +114,7 @@ class _RefineNet(nn.Module):
     h = act(h)
     h = layers.ncsn_conv3x3(h, x.shape[-1])
 
-    if m.get('scale_by_sigma', False):
+    if m.scale_by_sigma:
       sigmas = jnp.asarray(utils.get_sigmas(config))
       h = h / sigmas[labels.astype(jnp.int32)].reshape((-1,) + (1,) * (h.ndim - 1))
     return h

@@ -120,21 +120,25 @@ class ConditionalInstanceNorm2dPlus(nn.Module):
 _NORMALIZATIONS = ('GroupNorm', 'InstanceNorm', 'InstanceNorm++', 'VarianceNorm')
 
 
+def num_classes(config) -> int:
+  """Rows of NCSN's noise-conditional normalisation: ``config.model.num_classes``, 0 meaning one per noise
+  level (``config.model.num_scales``)."""
+  return int(config.model.num_classes) or int(config.model.num_scales)
+
+
 def get_normalization(config, conditional: bool = False) -> Callable[..., nn.Module]:
   """A factory for the layer named by ``config.model.normalization``.
 
-  ``conditional`` (NCSN v1) gives the noise-conditional InstanceNorm++ with
-  ``config.model.num_classes`` rows (default: one per noise level, ``config.model.num_scales``).
+  ``conditional`` (NCSN v1) gives the noise-conditional InstanceNorm++ with ``num_classes(config)`` rows.
   """
-  name = config.model.get('normalization', 'GroupNorm')
+  name = config.model.normalization
   if name not in _NORMALIZATIONS:
     raise ValueError(f'config.model.normalization={name!r} is not known; choose one of {_NORMALIZATIONS}.')
   if conditional:
     if name != 'InstanceNorm++':
       raise ValueError(f"a noise-conditional model (NCSN) needs config.model.normalization='InstanceNorm++', "
                        f'got {name!r}.')
-    num_classes = int(config.model.get('num_classes', config.model.num_scales))
-    return functools.partial(ConditionalInstanceNorm2dPlus, num_classes=num_classes)
+    return functools.partial(ConditionalInstanceNorm2dPlus, num_classes=num_classes(config))
   if name == 'GroupNorm':
     return layers.group_norm_32
   if name == 'InstanceNorm':

@@ -8,6 +8,7 @@ conventions live in ``get_score_fn`` alone (Song et al. 2021 reference code, mod
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any, Callable
 
@@ -88,9 +89,14 @@ def get_model_fn(model: nn.Module, variables: Variables, train: bool = False,
   return model_fn
 
 
-def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, train: bool = False,
-                 continuous: bool = True, rng: Array | None = None) -> sde_lib.ScoreFn:
+def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, *, continuous: bool,
+                 train: bool = False, rng: Array | None = None) -> sde_lib.ScoreFn:
   """``score_fn(x, t)`` from a network, with the reference's label and scaling conventions.
+
+  ``continuous`` must say how the network was trained (``config.training.continuous``): it has no
+  default because a wrong value gives no error, only wrong scores (the reference's likelihood
+  evaluation hard-coded ``continuous=True`` and so fed discretely trained models labels they never
+  saw). Outside training, build score functions with ``network_score_fn(config, ...)``, which reads it.
 
   - VP / sub-VP: the network predicts ε; score = -ε / std. Continuous (and always for sub-VP): labels
     = 999 t and std = the marginal std. Discrete VP: labels = t (N-1) and std = √(1-ᾱ)[⌊t (N-1)⌋].
@@ -122,6 +128,42 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, train
 
   raise TypeError(f'no score parameterisation for SDE {type(sde).__name__}; '
                   f'expected one of {[c.__name__ for c in sde_lib.SDES.values()]}.')
+
+
+def is_continuous(config) -> bool:
+  """Whether the network's labels are continuous (σ or 999 t) or discrete (an index): how it was
+  trained. sub-VP has only a continuous objective, so its labels are always continuous."""
+  return bool(config.training.continuous) or str(config.training.sde).lower() == 'subvpsde'
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _NetworkScore:
+  """``(variables, x, t) -> score`` for one (SDE, model, label convention), eval mode. Equal when built
+  from the same SDE and model objects, so ``jit`` caches one compiled program for all weights."""
+  sde: sde_lib.SDE
+  model: nn.Module
+  continuous: bool
+
+  def __call__(self, variables: Variables, x: Array, t: Array) -> Array:
+    return get_score_fn(self.sde, self.model, variables, continuous=self.continuous)(x, t)
+
+  def __eq__(self, other):
+    return (isinstance(other, _NetworkScore) and self.sde is other.sde and self.model is other.model
+            and self.continuous == other.continuous)
+
+  def __hash__(self):
+    return hash((id(self.sde), id(self.model), self.continuous))
+
+
+def network_score_fn(config, sde: sde_lib.SDE, model: nn.Module,
+                     variables: Variables) -> jax.tree_util.Partial:
+  """The trained network's ``score_fn(x, t)`` in eval mode, with the label convention it was trained
+  with (``is_continuous(config)``): the one builder that sampling, likelihood and evaluation share.
+
+  A ``jax.tree_util.Partial`` over ``variables``: samplers and likelihoods jit it with the weights as
+  traced arguments, so every checkpoint of one model reuses one compiled program.
+  """
+  return jax.tree_util.Partial(_NetworkScore(sde, model, is_continuous(config)), variables)
 
 
 def param_count(variables: Variables) -> int:

@@ -236,7 +236,7 @@ NUM_EXAMPLES, BATCH, SHAPE = 10, 4, (2, 2, 1)
 def _eval_config():
   config = ml_collections.ConfigDict()
   config.seed = 7
-  config.training = ml_collections.ConfigDict({'sde': 'vesde'})
+  config.training = ml_collections.ConfigDict({'sde': 'vesde', 'continuous': True})
   config.data = ml_collections.ConfigDict({
       'dataset': 'digits', 'image_size': 2, 'num_channels': 1, 'centered': True, 'num_levels': 17})
   config.eval = ml_collections.ConfigDict({

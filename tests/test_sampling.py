@@ -33,6 +33,7 @@ import analytic
 import sampling
 import sde_lib
 from configs import default_cifar10_configs
+from models import utils as mutils
 
 Z_TOL = 5.
 N_SAMPLES = 10_000
@@ -336,12 +337,15 @@ def test_model_variables_are_jit_arguments():
   """Two different weight sets reuse one compiled sampler and give different samples."""
   sde = make_sde('vpsde', 5)
   model = _TinyScoreNet()
+  config = default_cifar10_configs.get_default_configs()
+  config.training.sde = 'vpsde'
   sampler = sampling.get_pc_sampler(sde, (4, 3), 'euler_maruyama', 'none')
   outs, traces = [], 0
   for seed in (0, 1):
     variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 3)), jnp.ones((1,)))
     before = _TinyScoreNet.traces[0]
-    outs.append(sampler(jax.random.PRNGKey(0), sampling.model_score_fn(sde, model, variables))[0])
+    score_fn = mutils.network_score_fn(config, sde, model, variables)
+    outs.append(sampler(jax.random.PRNGKey(0), score_fn)[0])
     traces += _TinyScoreNet.traces[0] - before
   assert traces == 1
   assert not np.allclose(outs[0], outs[1])

@@ -45,11 +45,13 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _start(workdir, out, devices=1, overrides=None, extra=()):
+def _start(workdir, out, devices=1, overrides=None, extra=(), env=None):
+  """The worker in a subprocess; ``env`` adds environment variables (e.g. its fault hooks)."""
   cmd = ['timeout', '-s', 'KILL', str(TIMEOUT), sys.executable, str(WORKER), f'--workdir={workdir}',
          f'--out={out}', f'--overrides={json.dumps(overrides or {})}', *extra]
   log = open(str(out) + '.log', 'w', encoding='utf-8')  # pylint: disable=consider-using-with
-  return subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.Popen(cmd, cwd=ROOT, env={**_env(devices), **(env or {})}, stdout=log,
+                          stderr=subprocess.STDOUT)
 
 
 def _finish(proc, out):

@@ -6,11 +6,18 @@
 
 Writes ``out`` (this process's final params and EMA params, flattened, plus the step) only when training
 returns; ``out + '.json'`` records the device count and the messages of deliberately bad configs.
+
+Faults on request (tests/test_faults.py), by environment variable: the worker SIGKILLs itself
+- ``WORKER_KILL_AT_STEP=k``: when it fetches training batch k, i.e. once the state has reached step k (after
+  the checkpoints of step k, if any), in the middle of assembling the next host call's batches;
+- ``WORKER_KILL_IN_SAVE=k``: inside the first checkpoint save of a training step >= k, once orbax has written
+  the temporary directory and before it renames it into place.
 """
 
 import argparse
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,6 +49,47 @@ def tiny_toy_config(overrides: dict):
   return config
 
 
+def _die():
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_fault_hooks(environ) -> None:
+  """Arms the ``WORKER_KILL_AT_STEP`` / ``WORKER_KILL_IN_SAVE`` faults described in the module docstring."""
+  import checkpointing  # pylint: disable=import-outside-toplevel
+  import datasets  # pylint: disable=import-outside-toplevel
+  if 'WORKER_KILL_AT_STEP' in environ:
+    kill_at, real_iterator = int(environ['WORKER_KILL_AT_STEP']), datasets.get_train_iterator
+
+    def get_train_iterator(config, start_step=0, **kwargs):
+      for k, batch in enumerate(real_iterator(config, start_step, **kwargs), start=start_step):
+        if k == kill_at:
+          print(f'WORKER_KILL_AT_STEP: killing myself at step {k}', flush=True)
+          _die()
+        yield batch
+    datasets.get_train_iterator = get_train_iterator
+  if 'WORKER_KILL_IN_SAVE' in environ:
+    from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
+    kill_from, real_save = int(environ['WORKER_KILL_IN_SAVE']), checkpointing.save
+    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    armed = []
+
+    def save(manager, index, state, meta):
+      if meta['step'] >= kill_from:
+        armed.append((str(manager.directory), index, meta['step']))
+      real_save(manager, index, state, meta)
+
+    async def finalize(self):
+      if armed:
+        print(f'WORKER_KILL_IN_SAVE: killing myself before renaming {self.get()} into place '
+              f'(checkpoint {armed[0][1]} of {armed[0][0]}, step {armed[0][2]})', flush=True)
+        _die()
+      return await real_finalize(self)
+    checkpointing.save = save
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', required=True)
@@ -64,6 +112,7 @@ def main():
   import parallel  # pylint: disable=import-outside-toplevel
   import run_lib  # pylint: disable=import-outside-toplevel
 
+  install_fault_hooks(os.environ)
   config = tiny_toy_config(json.loads(args.overrides))
   report = {'device_count': jax.device_count(), 'process_count': jax.process_count()}
   bad = tiny_toy_config(json.loads(args.overrides))

@@ -30,8 +30,6 @@ def get_config():
   model.nonlinearity = 'elu'
   model.nf = 128
   model.interpolation = 'bilinear'
-  # One embedding row per noise level (follows num_scales); the reference never sets this key, so its NCSN could not build.
-  model.num_classes = model.get_ref('num_scales')
 
   # optim
   optim = config.optim
