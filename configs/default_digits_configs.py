@@ -16,14 +16,10 @@ def get_default_configs():
   training.batch_size = 64
   training.n_iters = 4000
   training.snapshot_freq = 4000
-  training.log_freq = 50
   training.eval_freq = 250
   training.snapshot_freq_for_preemption = 500
   training.n_jitted_steps = 1  # on CPU each extra step per call costs a full compile (run_lib unrolls)
   training.snapshot_batch_size = 64  # ours: samples drawn at each snapshot (an 8x8 grid)
-
-  sampling = config.sampling
-  sampling.snr = 0.16
 
   evaluate = config.eval
   evaluate.begin_ckpt = 1
@@ -44,7 +40,6 @@ def get_default_configs():
 
   model = config.model
   model.name = 'ncsnpp'
-  model.sigma_min = 0.01
   model.sigma_max = 6.  # above the largest distance (4.8) between two [0,1] 8x8 digits (Song & Ermon 2020)
   model.num_scales = 500  # sampling steps; 500 suffice for 8x8 digits and halve the sampling time
   model.dropout = 0.
@@ -55,22 +50,10 @@ def get_default_configs():
   model.ch_mult = (1, 2)
   model.num_res_blocks = 1
   model.attn_resolutions = (4,)
-  model.resamp_with_conv = True
-  model.conditional = True
   model.fir = False
-  model.fir_kernel = [1, 3, 3, 1]
-  model.skip_rescale = True
-  model.resblock_type = 'biggan'
-  model.progressive = 'none'
   model.progressive_input = 'none'
-  model.progressive_combine = 'sum'
-  model.init_scale = 0.
-  model.fourier_scale = 16
-  model.embedding_type = 'fourier'
-  model.scale_by_sigma = False
 
   optim = config.optim
   optim.lr = 2e-3
   optim.warmup = 200
-  optim.grad_clip = 1.
   return config

@@ -18,35 +18,27 @@ def get_default_configs():
   training.log_freq = 100
   training.eval_freq = 500
   training.snapshot_freq_for_preemption = 500
-  training.n_jitted_steps = 5
   training.snapshot_batch_size = 2048  # ours: samples drawn at each snapshot
   training.reduce_mean = True
 
   evaluate = config.eval
   evaluate.begin_ckpt = 1
   evaluate.end_ckpt = 2
-  evaluate.batch_size = 1024
   evaluate.num_samples = 4096
 
   data = config.data
   data.dataset = 'gmm'
-  data.dim = 2
   data.random_flip = False
-  data.centered = False
 
   model = config.model
   model.name = 'mlp'
   model.nf = 128
   model.num_layers = 3
-  model.sigma_min = 0.01
   model.sigma_max = 10.  # about the largest distance between two points of the mixture
-  model.num_scales = 1000
   model.dropout = 0.
   model.ema_rate = 0.99  # runs are a few thousand steps: 0.999 would still remember the first ones
-  model.fourier_scale = 16.
 
   optim = config.optim
   optim.lr = 1e-3
   optim.warmup = 100
-  optim.grad_clip = 1.
   return config

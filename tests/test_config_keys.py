@@ -40,7 +40,7 @@ CONFIG_DIR = os.path.join(REPO, 'configs')
 ALL_CONFIGS = sorted(
     os.path.relpath(p, CONFIG_DIR)[:-len('.py')]
     for p in glob.glob(os.path.join(CONFIG_DIR, '**', '*.py'), recursive=True)
-    if not os.path.basename(p).startswith(('default_', '__')))
+    if not os.path.basename(p).startswith(('default_', '_')))
 CHEAP_CONFIGS = [n for n in ALL_CONFIGS if os.path.basename(n).startswith(('toy_', 'digits_'))]
 PREDICTORS = ('euler_maruyama', 'reverse_diffusion', 'ancestral_sampling', 'none')
 CORRECTORS = ('langevin', 'ald', 'none')

@@ -15,7 +15,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 ALL_CONFIGS = sorted(
     os.path.relpath(p, CONFIG_DIR)[:-len('.py')]
     for p in glob.glob(os.path.join(CONFIG_DIR, '**', '*.py'), recursive=True)
-    if not os.path.basename(p).startswith(('default_', '__')))
+    if not os.path.basename(p).startswith(('default_', '_')))
 
 
 def load(name):

@@ -1,40 +1,9 @@
 """The DDPM U-Net on CIFAR-10, continuous sub-VP SDE: NLL 3.05 bits/dim."""
 
-from configs.default_cifar10_configs import get_default_configs
+from configs.vp.ddpm import cifar10_continuous
 
 
 def get_config():
-  config = get_default_configs()
-  # training
-  training = config.training
-  training.sde = 'subvpsde'
-  training.continuous = True
-  training.reduce_mean = True
-
-  # sampling
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'euler_maruyama'
-  sampling.corrector = 'none'
-  sampling.eps = 0.001
-
-  # data
-  data = config.data
-  data.centered = True
-
-  # model
-  model = config.model
-  # The reference also sets conv_size, which nothing reads; dropped.
-  model.name = 'ddpm'
-  model.scale_by_sigma = False
-  model.ema_rate = 0.9999
-  model.normalization = 'GroupNorm'
-  model.nonlinearity = 'swish'
-  model.nf = 128
-  model.ch_mult = (1, 2, 2, 2)
-  model.num_res_blocks = 2
-  model.attn_resolutions = (16,)
-  model.resamp_with_conv = True
-  model.conditional = True
-
+  config = cifar10_continuous.get_config()
+  config.training.sde = 'subvpsde'
   return config

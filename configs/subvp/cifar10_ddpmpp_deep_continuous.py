@@ -1,50 +1,9 @@
 """DDPM++ (deep: 8 blocks per resolution) on CIFAR-10, continuous sub-VP SDE: FID 2.41, NLL 2.99 bits/dim."""
 
-from configs.default_cifar10_configs import get_default_configs
+from configs.vp import cifar10_ddpmpp_deep_continuous
 
 
 def get_config():
-  config = get_default_configs()
-  # training
-  training = config.training
-  training.sde = 'subvpsde'
-  training.continuous = True
-  training.reduce_mean = True
-  training.n_iters = 950001
-
-  # sampling
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'euler_maruyama'
-  sampling.corrector = 'none'
-  sampling.eps = 0.001
-
-  # data
-  data = config.data
-  data.centered = True
-
-  # model
-  model = config.model
-  # The reference also sets attention_type and conv_size, which nothing reads; dropped.
-  model.name = 'ncsnpp'
-  model.scale_by_sigma = False
-  model.ema_rate = 0.9999
-  model.normalization = 'GroupNorm'
-  model.nonlinearity = 'swish'
-  model.nf = 128
-  model.ch_mult = (1, 2, 2, 2)
-  model.num_res_blocks = 8
-  model.attn_resolutions = (16,)
-  model.resamp_with_conv = True
-  model.conditional = True
-  model.fir = False
-  model.fir_kernel = [1, 3, 3, 1]
-  model.skip_rescale = True
-  model.resblock_type = 'biggan'
-  model.progressive = 'none'
-  model.progressive_input = 'none'
-  model.progressive_combine = 'sum'
-  model.init_scale = 0.0
-  model.embedding_type = 'positional'
-
+  config = cifar10_ddpmpp_deep_continuous.get_config()
+  config.training.sde = 'subvpsde'
   return config

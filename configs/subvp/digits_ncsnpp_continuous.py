@@ -1,21 +1,9 @@
 """NCSN++ (small, DDPM++-style positional embedding) on 8x8 digits, continuous sub-VP SDE."""
 
-from configs.default_digits_configs import get_default_configs
+from configs.vp import digits_ncsnpp_continuous
 
 
 def get_config():
-  config = get_default_configs()
+  config = digits_ncsnpp_continuous.get_config()
   config.training.sde = 'subvpsde'
-  config.training.continuous = True
-  config.training.reduce_mean = True
-
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'euler_maruyama'
-  sampling.corrector = 'none'
-  sampling.eps = 1e-3
-
-  model = config.model
-  model.embedding_type = 'positional'
-  model.scale_by_sigma = False
   return config

@@ -1,54 +1,13 @@
 """NCSN++ on CelebA-HQ 256x256, continuous VE SDE."""
 
-from configs.default_lsun_configs import get_default_configs
+from configs import _unet
+from configs import default_lsun_configs
 
 
 def get_config():
-  config = get_default_configs()
-  # training
-  training = config.training
-  training.sde = 'vesde'
-  training.continuous = True
-
-  # sampling
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'reverse_diffusion'
-  sampling.corrector = 'langevin'
-  sampling.eps = 1e-05
-
-  # data
-  data = config.data
-  # No TFDS build without TensorFlow: point data.path at a folder of the images (--config.data.path=...).
-  data.dataset = 'folder'
-  data.path = ''
-  data.image_size = 256
-
-  # model
-  model = config.model
-  # The reference reads TFRecords from a personal path; replaced by an image folder.
-  # The reference also sets attention_type and conv_size, which nothing reads; dropped.
-  model.name = 'ncsnpp'
-  model.sigma_max = 348
-  model.scale_by_sigma = True
-  model.ema_rate = 0.999
-  model.normalization = 'GroupNorm'
-  model.nonlinearity = 'swish'
-  model.nf = 128
-  model.ch_mult = (1, 1, 2, 2, 2, 2, 2)
-  model.num_res_blocks = 2
-  model.attn_resolutions = (16,)
-  model.resamp_with_conv = True
-  model.conditional = True
-  model.fir = True
-  model.fir_kernel = [1, 3, 3, 1]
-  model.skip_rescale = True
-  model.resblock_type = 'biggan'
-  model.progressive = 'output_skip'
-  model.progressive_input = 'input_skip'
-  model.progressive_combine = 'sum'
-  model.init_scale = 0.0
-  model.fourier_scale = 16
-  model.embedding_type = 'fourier'
-
+  config = _unet.ve(_unet.ncsnpp_256(default_lsun_configs.get_default_configs()))
+  # The reference reads TFRecords from a personal path; replaced by an image folder. No TFDS build without
+  # TensorFlow: point data.path at a folder of the images (--config.data.path=...).
+  config.data.dataset = 'folder'
+  config.model.sigma_max = 348.
   return config

@@ -1,49 +1,10 @@
 """DDPM++ on CIFAR-10, continuous VP SDE: FID 2.55, NLL 3.16 bits/dim."""
 
-from configs.default_cifar10_configs import get_default_configs
+from configs import _unet
+from configs import default_cifar10_configs
 
 
 def get_config():
-  config = get_default_configs()
-  # training
-  training = config.training
-  training.sde = 'vpsde'
-  training.continuous = True
-  training.reduce_mean = True
-
-  # sampling
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'euler_maruyama'
-  sampling.corrector = 'none'
-  sampling.eps = 0.001
-
-  # data
-  data = config.data
-  data.centered = True
-
-  # model
-  model = config.model
-  # The reference also sets attention_type and conv_size, which nothing reads; dropped.
-  model.name = 'ncsnpp'
-  model.scale_by_sigma = False
-  model.ema_rate = 0.9999
-  model.normalization = 'GroupNorm'
-  model.nonlinearity = 'swish'
-  model.nf = 128
-  model.ch_mult = (1, 2, 2, 2)
-  model.num_res_blocks = 4
-  model.attn_resolutions = (16,)
-  model.resamp_with_conv = True
-  model.conditional = True
-  model.fir = False
-  model.fir_kernel = [1, 3, 3, 1]
-  model.skip_rescale = True
-  model.resblock_type = 'biggan'
-  model.progressive = 'none'
-  model.progressive_input = 'none'
-  model.progressive_combine = 'sum'
-  model.init_scale = 0.0
-  model.embedding_type = 'positional'
-
+  config = _unet.vp(_unet.ddpmpp(default_cifar10_configs.get_default_configs()))
+  config.model.embedding_type = 'positional'
   return config

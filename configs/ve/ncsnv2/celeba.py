@@ -1,44 +1,8 @@
 """NCSNv2 (Song & Ermon 2020) on CelebA 64x64."""
 
-from configs.default_celeba_configs import get_default_configs
+from configs import _ncsn
+from configs.ve.ncsn import celeba_1245
 
 
 def get_config():
-  config = get_default_configs()
-  # training
-  training = config.training
-  training.sde = 'vesde'
-  training.continuous = False
-
-  # sampling
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'none'
-  sampling.corrector = 'ald'
-  sampling.n_steps_each = 5
-  sampling.snr = 0.128
-  sampling.eps = 1e-05
-
-  # model
-  model = config.model
-  model.name = 'ncsnv2_64'
-  model.scale_by_sigma = True
-  model.num_scales = 500
-  model.ema_rate = 0.999
-  model.normalization = 'InstanceNorm++'
-  model.nonlinearity = 'elu'
-  model.nf = 128
-  model.interpolation = 'bilinear'
-
-  # optim
-  optim = config.optim
-  # optim.amsgrad (read nowhere) dropped.
-  optim.weight_decay = 0
-  optim.optimizer = 'Adam'
-  optim.lr = 0.0001
-  optim.beta1 = 0.9
-  optim.eps = 1e-08
-  optim.warmup = 0
-  optim.grad_clip = -1.0
-
-  return config
+  return _ncsn.ncsnv2(celeba_1245.get_config(), 'ncsnv2_64')

@@ -1,45 +1,8 @@
 """DDPM (Ho et al. 2020) on LSUN bedroom 256x256, discrete VP."""
 
-from configs.default_lsun_configs import get_default_configs
+from configs import _unet
+from configs import default_lsun_configs
 
 
 def get_config():
-  config = get_default_configs()
-  # training
-  training = config.training
-  training.sde = 'vpsde'
-  training.continuous = False
-  training.reduce_mean = True
-
-  # sampling
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'ancestral_sampling'
-  sampling.corrector = 'none'
-  sampling.eps = 0.001
-
-  # data
-  data = config.data
-  data.category = 'bedroom'
-  data.centered = True
-
-  # model
-  model = config.model
-  # The reference also sets conv_size, which nothing reads; dropped.
-  model.name = 'ddpm'
-  model.scale_by_sigma = False
-  model.ema_rate = 0.9999
-  model.normalization = 'GroupNorm'
-  model.nonlinearity = 'swish'
-  model.nf = 128
-  model.ch_mult = (1, 1, 2, 2, 4, 4)
-  model.num_res_blocks = 2
-  model.attn_resolutions = (16,)
-  model.resamp_with_conv = True
-  model.conditional = True
-
-  # optim
-  optim = config.optim
-  optim.lr = 2e-05
-
-  return config
+  return _unet.vp(_unet.ddpm_256(default_lsun_configs.get_default_configs()), continuous=False)

@@ -1,40 +1,9 @@
 """The DDPM U-Net without time conditioning, CIFAR-10, discrete VP."""
 
-from configs.default_cifar10_configs import get_default_configs
+from configs.vp.ddpm import cifar10
 
 
 def get_config():
-  config = get_default_configs()
-  # training
-  training = config.training
-  training.sde = 'vpsde'
-  training.continuous = False
-  training.reduce_mean = True
-
-  # sampling
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'ancestral_sampling'
-  sampling.corrector = 'none'
-  sampling.eps = 0.001
-
-  # data
-  data = config.data
-  data.centered = True
-
-  # model
-  model = config.model
-  # The reference also sets conv_size, which nothing reads; dropped.
-  model.name = 'ddpm'
-  model.scale_by_sigma = False
-  model.ema_rate = 0.9999
-  model.normalization = 'GroupNorm'
-  model.nonlinearity = 'swish'
-  model.nf = 128
-  model.ch_mult = (1, 2, 2, 2)
-  model.num_res_blocks = 2
-  model.attn_resolutions = (16,)
-  model.resamp_with_conv = True
-  model.conditional = False
-
+  config = cifar10.get_config()
+  config.model.conditional = False
   return config
