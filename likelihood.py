@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ode_solvers
 import parallel
 import sde_lib
 
@@ -38,28 +39,6 @@ ScoreFn = sde_lib.ScoreFn
 LikelihoodFn = Callable[[Array, ScoreFn, Array], tuple[Array, Array, Array]]
 
 HUTCHINSON_TYPES = ('rademacher', 'gaussian', 'exact')
-# Explicit adaptive Runge-Kutta solvers by name; 'rk45' is scipy's name for Dormand-Prince 5(4).
-SOLVERS = {
-    'dopri5': diffrax.Dopri5,
-    'rk45': diffrax.Dopri5,
-    'tsit5': diffrax.Tsit5,
-    'dopri8': diffrax.Dopri8,
-    'bosh3': diffrax.Bosh3,
-}
-
-
-def evaluations_per_step(method: str) -> tuple[int, int]:
-  """(ODE evaluations per attempted step, extra evaluations of the first step) of a solver.
-
-  An s-stage first-same-as-last method costs s - 1 evaluations per step, accepted or rejected (the
-  reused stage belongs to the step's start point); diffrax evaluates that start point once, lazily, in
-  the first step. ``tests/test_likelihood.py`` checks the resulting count against a vector field that
-  counts its calls.
-  """
-  tableau = SOLVERS[method].tableau
-  stages = len(tableau.c) + 1
-  fsal = bool(tableau.fsal)
-  return stages - int(fsal), int(fsal)
 
 
 def as_pytree(score_fn: ScoreFn) -> jax.tree_util.Partial:
@@ -78,9 +57,7 @@ def _check_options(sde: sde_lib.SDE, hutchinson_type: str, num_probes: int, rtol
                      f'choose one of {HUTCHINSON_TYPES}.')
   if int(num_probes) < 1:
     raise ValueError(f'num_probes (config.eval.num_probes) must be >= 1, got {num_probes}.')
-  if method not in SOLVERS:
-    raise ValueError(f'method (config.eval.ode_method)={method!r} is not an adaptive solver known here; '
-                     f'choose one of {sorted(SOLVERS)}.')
+  ode_solvers.get_solver(method, 'config.eval.ode_method')  # raises for an unknown method
   if not (rtol > 0 and atol > 0):
     raise ValueError(f'rtol and atol (config.eval.ode_rtol/ode_atol) must be positive, got {rtol}, {atol}.')
   if not 0 < eps < sde.T:
@@ -137,7 +114,6 @@ def _log_likelihood(sde: sde_lib.SDE, rng: Array, score_fn: ScoreFn, x: Array, *
     probes = jax.lax.with_sharding_constraint(probes, parallel.batch_sharding(mesh, probes.ndim))
   pf_ode = sde.reverse(score_fn, probability_flow=True)
   exact = hutchinson_type == 'exact'
-  per_step, initial = evaluations_per_step(method)
 
   def solve_one(x_i: Array, probes_i: Array):
     def vector_field(t, state, args):
@@ -149,13 +125,14 @@ def _log_likelihood(sde: sde_lib.SDE, rng: Array, score_fn: ScoreFn, x: Array, *
       return _drift_and_divergence(drift, y, probes_i, exact)
 
     solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field), SOLVERS[method](), t0=eps, t1=sde.T, dt0=None,
+        diffrax.ODETerm(vector_field), ode_solvers.get_solver(method, 'config.eval.ode_method'),
+        t0=eps, t1=sde.T, dt0=None,
         y0=(x_i, jnp.zeros((), jnp.float32)),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, throw=False)
     z_i, delta_logp = solution.ys[0][0], solution.ys[1][0]
     failed = solution.result != diffrax.RESULTS.successful
-    nfe = per_step * solution.stats['num_steps'] + initial
+    nfe = ode_solvers.num_evaluations(method, solution.stats['num_steps'])
     return z_i, jnp.where(failed, jnp.nan, delta_logp), nfe.astype(jnp.int32)
 
   # One solve per example: each gets the step sizes its own error estimate asks for (see docstring).
@@ -167,10 +144,11 @@ def _log_likelihood(sde: sde_lib.SDE, rng: Array, score_fn: ScoreFn, x: Array, *
   return logp, z, nfe
 
 
-def get_log_likelihood_fn(sde: sde_lib.SDE, hutchinson_type: str = 'rademacher', num_probes: int = 1,
-                          rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
-                          method: str = 'dopri5', max_steps: int = 4096) -> LikelihoodFn:
+def get_log_likelihood_fn(sde: sde_lib.SDE, hutchinson_type: str, *, num_probes: int, rtol: float,
+                          atol: float, eps: float, method: str, max_steps: int = 4096) -> LikelihoodFn:
   """``fn(rng, score_fn, x) -> (logp (B,) nats, z like x, nfe (B,) int32)``: log p_eps(x) by eq. (D.2).
+
+  The settings have no defaults here: theirs live in the default configs (``config.eval``).
 
   Args:
     sde: the forward SDE whose probability-flow ODE (and prior) defines the model.
@@ -179,7 +157,7 @@ def get_log_likelihood_fn(sde: sde_lib.SDE, hutchinson_type: str = 'rademacher',
     num_probes: probes per example, averaged (the estimate's variance falls as 1/num_probes).
     rtol, atol: tolerances of the PID step-size controller.
     eps: start time of the ODE (the density is that of x(eps); the reference's 1e-5).
-    method: adaptive solver, one of ``SOLVERS``.
+    method: adaptive solver, one of ``ode_solvers.SOLVERS``.
     max_steps: solver steps allowed per example; an example that needs more gets logp = NaN.
 
   Returns a function of ``rng`` (probes), ``score_fn(x, t)`` and ``x`` (B, ...) in the model's data
@@ -241,10 +219,9 @@ def dequantize(rng: Array, levels: Array, num_levels: int) -> Array:
   return (levels.astype(jnp.float32) + u) / num_levels
 
 
-def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, num_levels: int = 256,
-                      hutchinson_type: str = 'rademacher', num_probes: int = 1, rtol: float = 1e-5,
-                      atol: float = 1e-5, eps: float = 1e-5, method: str = 'dopri5',
-                      max_steps: int = 4096) -> LikelihoodFn:
+def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels: int,
+                      hutchinson_type: str, num_probes: int, rtol: float, atol: float, eps: float,
+                      method: str, max_steps: int = 4096) -> LikelihoodFn:
   """``fn(rng, score_fn, levels) -> (bpd (B,), z, nfe (B,))``: bits/dim of discrete data.
 
   ``levels`` are the data's integer values in {0, ..., L-1} (L = ``num_levels``: 256 for 8-bit

@@ -66,12 +66,12 @@ def sde_loss(rng: Array, score_fn: sde_lib.ScoreFn, sde: sde_lib.SDE, x: Array, 
 
 def smld_loss(rng: Array, model_fn: ModelFn, sde: sde_lib.VESDE, x: Array, *,
               reduce_mean: bool = False) -> Array:
-  """NCSN objective: σ_i² ‖s(x + σ_i z, i) + z/σ_i‖², i ~ U{0..N-1} indexing the descending σ table."""
+  """NCSN objective: σ² ‖s(x + σ z, j) + z/σ‖², label j ~ U{0..N-1}, σ = ``sde.label_sigma(j)``."""
   if not isinstance(sde, sde_lib.VESDE):
     raise TypeError(f'SMLD training needs a VESDE, got {type(sde).__name__}.')
   rng_i, rng_z = jax.random.split(rng)
   labels = jax.random.randint(rng_i, (x.shape[0],), 0, sde.N)
-  sigmas = sde.discrete_sigmas[::-1][labels]
+  sigmas = sde.label_sigma(labels)
   noise = sde_lib.batch_mul(sigmas, jax.random.normal(rng_z, x.shape))
   score = model_fn(x + noise, labels)
   target = -sde_lib.batch_mul(1. / sigmas**2, noise)

@@ -47,6 +47,7 @@ def validate_config(config, mode: str = 'train') -> None:
   sde_lib.get_sde(config)
   datasets.validate_data_config(config)
   mutils.validate_model_config(config)
+  mutils.check_input_shape(config, datasets.data_shape(config))
   losses.check_objective(config)
   losses.get_optimizer(config)
   training, optim = config.training, config.optim

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ode_solvers
 import parallel
 import sde_lib
 
@@ -53,11 +54,6 @@ def fold_in(rng: Array, data: int | Array) -> Array:
 def _batch_norm(x: Array) -> Array:
   """Euclidean norm of each example of ``x`` (B, ...): (B,)."""
   return jnp.linalg.norm(x.reshape(x.shape[0], -1), axis=-1)
-
-
-def _timestep_index(sde: sde_lib.SDE, t: Array) -> Array:
-  """The reference's discrete index int(t (N-1) / T) (truncation)."""
-  return (t * (sde.N - 1) / sde.T).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,7 +173,8 @@ class ReverseDiffusionPredictor(Predictor):
 
 @register_predictor('ancestral_sampling')
 class AncestralSamplingPredictor(Predictor):
-  """Ancestral sampling of the discrete SMLD (eq. 47) or DDPM (eq. 4 of Ho et al. 2020) chain."""
+  """Ancestral sampling of the discrete SMLD (eq. 47) or DDPM (eq. 4) chain:
+  x_{i-1} = a_i (x_i + b_i s) + c_i z with the SDE's ``ancestral_coefficients``."""
 
   def __init__(self, sde, probability_flow=False):
     super().__init__(sde, probability_flow)
@@ -189,19 +186,9 @@ class AncestralSamplingPredictor(Predictor):
                        'config.sampling.probability_flow=False or use reverse_diffusion.')
 
   def update(self, rng, x, t, score_fn):
-    sde = self.sde
-    index = _timestep_index(sde, t)
-    score = score_fn(x, t)
-    noise = normal_like(rng, x)
-    if isinstance(sde, sde_lib.VESDE):
-      sigma = sde.discrete_sigmas[index]
-      adjacent = jnp.where(index == 0, 0., sde.discrete_sigmas[jnp.maximum(index - 1, 0)])
-      x_mean = x + sde_lib.batch_mul(sigma**2 - adjacent**2, score)
-      std = jnp.sqrt(adjacent**2 * (sigma**2 - adjacent**2) / sigma**2)
-      return x_mean + sde_lib.batch_mul(std, noise), x_mean
-    beta = sde.discrete_betas[index]
-    x_mean = sde_lib.batch_mul(1. / jnp.sqrt(1. - beta), x + sde_lib.batch_mul(beta, score))
-    return x_mean + sde_lib.batch_mul(jnp.sqrt(beta), noise), x_mean
+    scale, score_coeff, std = self.sde.ancestral_coefficients(self.sde.timestep_index(t))
+    x_mean = sde_lib.batch_mul(scale, x + sde_lib.batch_mul(score_coeff, score_fn(x, t)))
+    return x_mean + sde_lib.batch_mul(std, normal_like(rng, x)), x_mean
 
 
 @register_predictor('none')
@@ -216,11 +203,10 @@ class NonePredictor(Predictor):
 def _langevin_alpha(sde: sde_lib.SDE, t: Array) -> Array:
   """The reference's α_i = 1 - β_i of the DDPM schedule for VP and sub-VP (the paper's Alg. 5), 1 for
   VE. Sub-VP has no discrete table of its own; the reference looked up ``sde.alphas``, which its
-  subVPSDE lacks (an AttributeError), so we use the VP schedule with the same β range."""
+  subVPSDE lacks (an AttributeError), so we use the VP schedule with the same β range
+  (``discrete_beta``)."""
   if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
-    index = _timestep_index(sde, t)
-    beta = (sde.beta_0 + index * (sde.beta_1 - sde.beta_0) / max(sde.N - 1, 1)) / sde.N
-    return 1. - beta
+    return 1. - sde.discrete_beta(sde.timestep_index(t))
   return jnp.ones_like(t)
 
 
@@ -338,28 +324,27 @@ class _ShardedSampler:
 
 
 def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
-                   corrector: str | type[Corrector], snr: float = 0.16, n_steps: int = 1,
-                   probability_flow: bool = False, denoise: bool = True, eps: float = 1e-3,
-                   inverse_scaler: Callable[[Array], Array] | None = None,
-                   langevin_per_sample: bool = False) -> Sampler:
+                   corrector: str | type[Corrector], *, snr: float, n_steps: int, probability_flow: bool,
+                   denoise: bool, eps: float, langevin_per_sample: bool,
+                   inverse_scaler: Callable[[Array], Array] | None = None) -> Sampler:
   """Predictor-corrector sampler (Alg. 1 of Song et al. 2021), compiled once per score function.
 
   From x ~ p_T, at each t of linspace(T, eps, N) (N = sde.N): ``corrector`` then ``predictor`` (the
   reference's order). Returns ``inverse_scaler`` of the last predictor's noise-free mean when
   ``denoise`` (the reference's noise removal: the last step without its noise), else of the last
-  sample.
+  sample. The settings have no defaults here: theirs live in the default configs (``config.sampling``).
 
   Args:
     sde: the forward SDE; ``sde.N`` sets the number of steps.
     shape: (batch_size, *example_shape); batch_size must divide over the devices.
     predictor, corrector: registered names (or ``Predictor``/``Corrector`` subclasses).
-    snr: signal-to-noise ratio of the Langevin correctors.
-    n_steps: corrector steps per noise level.
+    snr: signal-to-noise ratio of the Langevin correctors (config.sampling.snr).
+    n_steps: corrector steps per noise level (config.sampling.n_steps_each).
     probability_flow: predict with the probability-flow ODE instead of the reverse SDE.
-    denoise: return the noise-free mean of the last predictor step.
-    eps: the last time step (the reference uses 1e-3 for VP/sub-VP, 1e-5 for VE).
-    inverse_scaler: maps model space back to data space, traceable.
+    denoise: return the noise-free mean of the last predictor step (config.sampling.noise_removal).
+    eps: the last time step (config.sampling.eps; the reference uses 1e-3 for VP/sub-VP, 1e-5 for VE).
     langevin_per_sample: per-sample Langevin step sizes instead of the batch average.
+    inverse_scaler: maps model space back to data space, traceable.
 
   Returns:
     ``sampler(rng, score_fn, first_index=0) -> (samples, nfe)``: samples like ``shape``, sharded over
@@ -405,21 +390,8 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
   return sampler
 
 
-# Explicit first-same-as-last Runge-Kutta pairs with 7 stages (5th order, embedded 4th).
-_ODE_SOLVERS = {'dopri5': diffrax.Dopri5, 'tsit5': diffrax.Tsit5}
-
-
-def ode_nfe(num_steps: Array) -> Array:
-  """Vector-field evaluations of a ``_ODE_SOLVERS`` solve with a ``PIDController`` and ``dt0=None``:
-  one at (t0, y0), shared by the controller's initial-step heuristic and the first stage, then six per
-  attempted step (seven stages, the last being the next step's first). Checked against a counting
-  score function in tests/test_sampling.py."""
-  return 1 + 6 * num_steps
-
-
-def get_ode_sampler(sde: sde_lib.SDE, shape, rtol: float = 1e-5, atol: float = 1e-5,
-                    method: str = 'dopri5', eps: float = 1e-3, denoise: bool = False,
-                    inverse_scaler: Callable[[Array], Array] | None = None,
+def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method: str, eps: float,
+                    denoise: bool, inverse_scaler: Callable[[Array], Array] | None = None,
                     max_steps: int = 16384) -> Sampler:
   """Probability-flow ODE sampler (eq. 13): dx/dt = f(x, t) - ½ g(t)² s(x, t), integrated from T to
   ``eps`` on device with a diffrax adaptive Runge-Kutta solver and a PID step-size controller.
@@ -429,14 +401,16 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, rtol: float = 1e-5, atol: float = 1
   make each sample depend on the rest of the batch; per-sample solves make sample i a function of its
   latent alone (reproducible across batch sizes and device counts) at the cost of every solver
   iteration evaluating the network on the whole batch until the slowest sample has finished.
+  The settings have no defaults here: theirs live in the default configs (``config.sampling``).
 
   Args:
     sde: the forward SDE.
     shape: (batch_size, *example_shape).
     rtol, atol: solver tolerances (config.sampling.ode_rtol / ode_atol).
-    method: one of ``_ODE_SOLVERS`` (config.sampling.ode_method).
-    eps: the end time.
-    denoise: finish with one noise-free reverse-diffusion step at t = eps (+1 NFE), as the reference.
+    method: one of ``ode_solvers.SOLVERS`` (config.sampling.ode_method).
+    eps: the end time (config.sampling.eps).
+    denoise: finish with one noise-free reverse-diffusion step at t = eps (+1 NFE), as the reference
+      (config.sampling.noise_removal).
     inverse_scaler: maps model space back to data space, traceable.
     max_steps: solver step limit per sample (a solve that needs more raises).
 
@@ -448,13 +422,10 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, rtol: float = 1e-5, atol: float = 1
   shape = _check_shape(shape)
   eps = _check_eps(sde, eps)
   method = str(method).lower()
-  if method not in _ODE_SOLVERS:
-    raise ValueError(f'ODE method {method!r} (config.sampling.ode_method) is not known; choose one '
-                     f'of {sorted(_ODE_SOLVERS)}.')
+  solver = ode_solvers.get_solver(method, 'config.sampling.ode_method')
   if not (float(rtol) > 0 and float(atol) > 0):
     raise ValueError(f'ODE tolerances must be positive, got rtol={rtol}, atol={atol} '
                      f'(config.sampling.ode_rtol / ode_atol).')
-  solver = _ODE_SOLVERS[method]()
   controller = diffrax.PIDController(rtol=float(rtol), atol=float(atol))
   base = _ShardedSampler(sde, shape, inverse_scaler)
   denoiser = ReverseDiffusionPredictor(sde, probability_flow=False)
@@ -477,7 +448,7 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, rtol: float = 1e-5, atol: float = 1
     x = base.prior(fold_in(keys, 0)) if z is None else base.shard(z)
     x, num_steps = jax.vmap(solve_one, (0, None))(x, score_tree)
     x = base.shard(x)
-    nfe = ode_nfe(jnp.max(num_steps))
+    nfe = ode_solvers.num_evaluations(method, jnp.max(num_steps))
     if denoise:
       _, x = denoiser.update(fold_in(keys, 1), x, jnp.full((shape[0],), eps), score_tree)
       nfe = nfe + 1

@@ -31,9 +31,16 @@ def _sum_except_batch(x: Array) -> Array:
   return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
 
 
-def _timestep_index(t: Array, n: int, horizon: float) -> Array:
-  """The reference's discrete index int(t (N-1) / T): truncation, not rounding."""
-  return (t * (n - 1) / horizon).astype(jnp.int32)
+def geometric_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+  """SMLD's noise levels σ_i = σ_min (σ_max/σ_min)^{i/(n-1)}, i = 0..n-1, ascending, float32 (n,).
+
+  The table the NCSN-family networks are built with (``models.utils.get_sigmas``): float64 rounded once
+  to float32, as the reference's ``get_sigmas``. It is evaluated from σ_max down, as the reference did,
+  because linspace in the other direction rounds a few float64 values differently.
+  ``VESDE.discrete_sigmas`` holds the same levels computed in float32 (relative difference < 1e-6).
+  """
+  descending = np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), n)).astype(np.float32)
+  return descending[::-1]
 
 
 class SDE(abc.ABC):
@@ -69,6 +76,18 @@ class SDE(abc.ABC):
   @abc.abstractmethod
   def prior_logp(self, z: Array) -> Array:
     """log p_T(z), summed over all but the batch dimension: (B,)."""
+
+  def discrete_time(self, t: Array) -> Array:
+    """t (N-1) / T, (B,) float: where t lies on the grid of the N discrete steps."""
+    return t * (self.N - 1) / self.T
+
+  def timestep_index(self, t: Array) -> Array:
+    """The step i of the discrete chain at time t, (B,) int32: the reference's int(t (N-1) / T).
+
+    Truncation, not rounding, as the reference: on the samplers' times linspace(T, eps, N) it gives
+    N-1, N-2, ..., 0, each step's own entry of the discrete tables.
+    """
+    return self.discrete_time(t).astype(jnp.int32)
 
   def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
     """x_{i+1} = x_i + f_i(x_i) + G_i z_i; Euler-Maruyama with step T/N unless overridden."""
@@ -134,6 +153,15 @@ class _LinearBetaSDE(SDE):
     """L(t) = -∫_0^t β(s) ds / 2 = -t²(β₁-β₀)/4 - tβ₀/2 (eq. 29)."""
     return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
 
+  def discrete_beta(self, index: Array) -> Array:
+    """DDPM's β_i = (β₀ + i (β₁-β₀)/(N-1)) / N in closed form, (B,), for a traced step ``index``.
+
+    The Langevin corrector's α_i = 1 - β_i (Alg. 5) reads it: it serves sub-VP, which has no table,
+    and gives the values that corrector always had; VP's ``discrete_betas`` table (a float32 linspace)
+    differs from it by a few ulps at some steps.
+    """
+    return (self.beta_0 + index * (self.beta_1 - self.beta_0) / max(self.N - 1, 1)) / self.N
+
   def prior_sampling(self, rng, shape):
     return jax.random.normal(rng, shape)
 
@@ -165,10 +193,21 @@ class VPSDE(_LinearBetaSDE):
 
   def discretize(self, x, t):
     """DDPM ancestral step: x_{i+1} = √(1-β_i) x_i + √β_i z_i."""
-    index = _timestep_index(t, self.N, self.T)
+    index = self.timestep_index(t)
     beta = self.discrete_betas[index]
     alpha = self.alphas[index]
     return batch_mul(jnp.sqrt(alpha), x) - x, jnp.sqrt(beta)
+
+  def noise_label(self, t: Array) -> Array:
+    """The discretely trained (DDPM) network's label at time t: the step t (N-1) / T, (B,) float,
+    left fractional as the reference's score function passes it."""
+    return self.discrete_time(t)
+
+  def ancestral_coefficients(self, index: Array) -> tuple[Array, Array, Array]:
+    """(a_i, b_i, c_i), each (B,), of DDPM's ancestral step x_{i-1} = a_i (x_i + b_i s) + c_i z (eq. 4):
+    a_i = 1/√(1-β_i), b_i = β_i, c_i = √β_i."""
+    beta = self.discrete_betas[index]
+    return 1. / jnp.sqrt(1. - beta), beta, jnp.sqrt(beta)
 
 
 class subVPSDE(_LinearBetaSDE):  # pylint: disable=invalid-name  (the reference's public name)
@@ -194,7 +233,8 @@ class VESDE(SDE):
       raise ValueError(f'need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.')
     self.sigma_min = float(sigma_min)
     self.sigma_max = float(sigma_max)
-    # Ascending σ_0 < ... < σ_{N-1}; models index the descending table (models.utils.get_sigmas).
+    # σ_0 < ... < σ_{N-1}, ascending with the step i = timestep_index(t). Computed in float32, as the
+    # reference's SDE; the networks' float64-rounded table is geometric_sigmas (a few ulps apart).
     self.discrete_sigmas = jnp.exp(jnp.linspace(np.log(sigma_min), np.log(sigma_max), N))
 
   @property
@@ -219,12 +259,36 @@ class VESDE(SDE):
     return (-0.5 * dim * np.log(2 * np.pi * self.sigma_max**2)
             - _sum_except_batch(z**2) / (2 * self.sigma_max**2))
 
+  def adjacent_sigma(self, index: Array) -> Array:
+    """σ_{i-1}, the next smaller noise level of step i, (B,); σ_{-1} = 0 (the data)."""
+    return jnp.where(index == 0, 0., self.discrete_sigmas[jnp.maximum(index - 1, 0)])
+
   def discretize(self, x, t):
     """SMLD step: x_{i+1} = x_i + √(σ_{i+1}² - σ_i²) z_i, with σ_{-1} = 0."""
-    index = _timestep_index(t, self.N, self.T)
+    index = self.timestep_index(t)
     sigma = self.discrete_sigmas[index]
-    adjacent = jnp.where(index == 0, 0., self.discrete_sigmas[jnp.maximum(index - 1, 0)])
+    adjacent = self.adjacent_sigma(index)
     return jnp.zeros_like(x), jnp.sqrt(sigma**2 - adjacent**2)
+
+  def noise_label(self, t: Array) -> Array:
+    """The discretely trained (SMLD/NCSN) network's label at time t, (B,) int32: round((T-t)(N-1)).
+
+    NCSN numbers its noise levels from the largest (Song & Ermon 2019, σ_1 > ... > σ_L), so label j is
+    step N-1-j; rounded, not truncated like ``timestep_index``, as the reference's score function.
+    """
+    return jnp.round((self.T - t) * (self.N - 1)).astype(jnp.int32)
+
+  def label_sigma(self, label: Array) -> Array:
+    """σ of the network label ``label`` (see ``noise_label``): σ_{N-1-label}, (B,)."""
+    return self.discrete_sigmas[self.N - 1 - label]
+
+  def ancestral_coefficients(self, index: Array) -> tuple[Array, Array, Array]:
+    """(a_i, b_i, c_i), each (B,), of SMLD's ancestral step x_{i-1} = a_i (x_i + b_i s) + c_i z
+    (eq. 47): a_i = 1, b_i = σ_i² - σ_{i-1}², c_i = √(σ_{i-1}² (σ_i² - σ_{i-1}²) / σ_i²)."""
+    sigma = self.discrete_sigmas[index]
+    adjacent = self.adjacent_sigma(index)
+    step = sigma**2 - adjacent**2
+    return jnp.ones_like(sigma), step, jnp.sqrt(adjacent**2 * step / sigma**2)
 
 
 SDES = {'vesde': VESDE, 'vpsde': VPSDE, 'subvpsde': subVPSDE}

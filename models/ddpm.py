@@ -24,42 +24,74 @@ Array = jax.Array
 
 @utils.register_model(name='ddpm')
 class DDPM(nn.Module):
-  """``(x (B, H, W, C), labels (B,), train) -> (B, H, W, C)``."""
-  config: ml_collections.ConfigDict
+  """``(x (B, H, W, C), labels (B,), train) -> (B, H, W, C)``.
+
+  ``label_kind`` / ``sigmas`` (from ``models.utils.label_kwargs``) give σ of the labels for
+  ``scale_by_sigma``; the time embedding embeds the label as it is.
+  """
+  nf: int
+  ch_mult: tuple[int, ...]
+  num_res_blocks: int
+  attn_resolutions: tuple[int, ...]
+  image_size: int
+  num_channels: int
+  centered: bool
+  nonlinearity: str
+  normalization: str
+  conditional: bool
+  resamp_with_conv: bool
+  dropout: float
+  scale_by_sigma: bool
+  label_kind: str
+  sigmas: tuple[float, ...] | None
+
+  @staticmethod
+  def kwargs_from_config(config: ml_collections.ConfigDict) -> dict:
+    """The architecture kwargs of ``config.model`` / ``config.data`` (all but the label convention)."""
+    m = config.model
+    return dict(
+        nf=int(m.nf), ch_mult=tuple(int(c) for c in m.ch_mult), num_res_blocks=int(m.num_res_blocks),
+        attn_resolutions=tuple(int(r) for r in m.attn_resolutions), image_size=int(config.data.image_size),
+        num_channels=int(config.data.num_channels), centered=bool(config.data.centered),
+        nonlinearity=str(m.nonlinearity), normalization=str(m.normalization),
+        conditional=bool(m.conditional), resamp_with_conv=bool(m.resamp_with_conv),
+        dropout=float(m.dropout), scale_by_sigma=bool(m.scale_by_sigma))
 
   @staticmethod
   def check_config(config: ml_collections.ConfigDict) -> None:
     """Image size vs. down-samplings; every channel count a multiple of GroupNorm's 32 groups."""
-    layers.get_act(config)
-    normalization.get_normalization(config)
+    layers.get_act(config.model.nonlinearity)
+    normalization.get_normalization(config.model.normalization)
     if config.model.normalization == 'GroupNorm':
       layers.check_unet_config(config, lambda channels: 32, 'DDPM')
     else:
       layers.check_unet_config(config, lambda channels: 1, 'DDPM')
 
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return (self.image_size, self.image_size, self.num_channels)
+
   @nn.compact
   def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
-    config = self.config
-    m = config.model
-    act = layers.get_act(config)
-    normalize = normalization.get_normalization(config)
-    nf, ch_mult = int(m.nf), tuple(m.ch_mult)
-    num_res_blocks, attn_resolutions = int(m.num_res_blocks), tuple(m.attn_resolutions)
-    resamp_with_conv = bool(m.resamp_with_conv)
+    act = layers.get_act(self.nonlinearity)
+    normalize = normalization.get_normalization(self.normalization)
+    nf, ch_mult = self.nf, self.ch_mult
+    num_res_blocks, attn_resolutions = self.num_res_blocks, self.attn_resolutions
+    resamp_with_conv = self.resamp_with_conv
     num_resolutions = len(ch_mult)
 
     attn_block = functools.partial(layers.AttnBlock, normalize=normalize)
     resnet_block = functools.partial(layers.ResnetBlockDDPM, act=act, normalize=normalize,
-                                     dropout=float(m.dropout))
+                                     dropout=self.dropout)
 
-    if m.conditional:
+    if self.conditional:
       temb = layers.get_timestep_embedding(labels, nf)
       temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(temb)
       temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(act(temb))
     else:
       temb = None
 
-    h = x if config.data.centered else 2 * x - 1.
+    h = x if self.centered else 2 * x - 1.
     hs = [layers.ddpm_conv3x3(h, nf)]
     for i_level in range(num_resolutions):
       for _ in range(num_res_blocks):
@@ -87,7 +119,7 @@ class DDPM(nn.Module):
     h = act(normalize()(h))
     h = layers.ddpm_conv3x3(h, x.shape[-1], init_scale=0.)
 
-    if m.scale_by_sigma:
-      sigmas = jnp.asarray(utils.get_sigmas(config))
-      h = h / sigmas[labels.astype(jnp.int32)].reshape((-1,) + (1,) * (h.ndim - 1))
+    if self.scale_by_sigma:
+      sigmas = layers.sigma_of_labels(labels, self.label_kind, self.sigmas)
+      h = h / sigmas.reshape((-1,) + (1,) * (h.ndim - 1))
     return h

@@ -27,12 +27,28 @@ _ACTIVATIONS = {
 }
 
 
-def get_act(config) -> Callable[[Array], Array]:
-  """The activation named by ``config.model.nonlinearity``."""
-  name = str(config.model.nonlinearity).lower()
+def get_act(nonlinearity: str) -> Callable[[Array], Array]:
+  """The activation named ``nonlinearity`` (``config.model.nonlinearity``), case-insensitive."""
+  name = str(nonlinearity).lower()
   if name not in _ACTIVATIONS:
     raise ValueError(f'config.model.nonlinearity={name!r} is not known; choose one of {sorted(_ACTIVATIONS)}.')
   return _ACTIVATIONS[name]
+
+
+def sigma_of_labels(labels: Array, label_kind: str, sigmas: tuple[float, ...] | None) -> Array:
+  """σ of each label, (B,), for networks that divide their output by σ (``scale_by_sigma``).
+
+  What a label means is decided by ``models.utils.label_kwargs`` and given to the network: 'sigma' (the
+  label is σ), 'index' (it indexes ``sigmas``, the descending table). 'time' labels (VP, sub-VP) have no σ.
+  """
+  if label_kind == 'sigma':
+    return labels
+  if label_kind == 'index':
+    if sigmas is None:
+      raise ValueError("label_kind='index' needs the σ table the labels index (sigmas).")
+    return jnp.asarray(sigmas, jnp.float32)[labels.astype(jnp.int32)]
+  raise ValueError(f'scale_by_sigma divides by σ, but label_kind={label_kind!r} labels carry no σ; '
+                   "it needs 'sigma' or 'index' labels (the VE SDE).")
 
 
 def default_init(scale: float = 1.) -> Callable[..., Array]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -55,16 +56,39 @@ def _downsamplings(size: int) -> int:
 
 
 class _RefineNet(nn.Module):
-  """The shared NCSN / NCSNv2 body; ``size`` selects the architecture, ``conditional`` NCSN v1."""
-  config: ml_collections.ConfigDict
-  size: int = 64
-  conditional: bool = False
+  """The shared NCSN / NCSNv2 body; ``size`` selects the architecture, ``conditional`` NCSN v1.
+
+  ``label_kind`` / ``sigmas`` (from ``models.utils.label_kwargs``) give σ of the labels for
+  ``scale_by_sigma``; NCSN v1 also looks up its normalisation rows at the integer label.
+  """
+  size: ClassVar[int] = 64
+  conditional: ClassVar[bool] = False
+  nf: int
+  image_size: int
+  num_channels: int
+  centered: bool
+  nonlinearity: str
+  normalization: str
+  interpolation: str
+  scale_by_sigma: bool
+  label_kind: str
+  sigmas: tuple[float, ...] | None
+
+  @classmethod
+  def kwargs_from_config(cls, config: ml_collections.ConfigDict) -> dict:
+    """The architecture kwargs of ``config.model`` / ``config.data`` (all but the label convention)."""
+    m = config.model
+    return dict(nf=int(m.nf), image_size=int(config.data.image_size),
+                num_channels=int(config.data.num_channels), centered=bool(config.data.centered),
+                nonlinearity=str(m.nonlinearity), normalization=str(m.normalization),
+                interpolation=str(m.interpolation), scale_by_sigma=bool(m.scale_by_sigma))
 
   @classmethod
   def check_config(cls, config: ml_collections.ConfigDict) -> None:
     """Activation, normalisation, and image size divisible by the encoder's down-sampling factor."""
-    layers.get_act(config)
-    normalization.get_normalization(config, conditional=cls.conditional)
+    layers.get_act(config.model.nonlinearity)
+    rows = normalization.num_classes(config) if cls.conditional else None
+    normalization.get_normalization(config.model.normalization, conditional=cls.conditional, num_classes=rows)
     interpolation = config.model.interpolation
     if interpolation not in layers.INTERPOLATIONS:
       raise ValueError(f'config.model.interpolation={interpolation!r}; choose one of {layers.INTERPOLATIONS}.')
@@ -79,25 +103,30 @@ class _RefineNet(nn.Module):
                        f'({config.model.num_classes}) must equal config.model.num_scales '
                        f'({config.model.num_scales}), or be 0 (the default) to follow it.')
 
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return (self.image_size, self.image_size, self.num_channels)
+
+  def _normalization(self):
+    return normalization.get_normalization(self.normalization)
+
   @nn.compact
   def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
     del train  # No dropout in these networks.
-    config = self.config
-    m = config.model
-    nf = int(m.nf)
-    act = layers.get_act(config)
-    norm = normalization.get_normalization(config, conditional=self.conditional)
-    interpolation = str(m.interpolation)
+    nf = self.nf
+    act = layers.get_act(self.nonlinearity)
+    norm = self._normalization()
+    interpolation = self.interpolation
     stages, refine_mults = _ARCHITECTURES[self.size]
     y = labels.astype(jnp.int32) if self.conditional else None
     block = functools.partial(layers.ResidualBlock, normalization=norm, act=act,
                               conditional=self.conditional)
 
-    h = x if config.data.centered else 2 * x - 1.
+    h = x if self.centered else 2 * x - 1.
     h = layers.ncsn_conv3x3(h, nf)
     features = []
     for i, stage in enumerate(stages):
-      adjust = self.size == 64 and i == len(stages) - 1 and int(config.data.image_size) == 28
+      adjust = self.size == 64 and i == len(stages) - 1 and self.image_size == 28
       h = block(stage.mult * nf, resample=stage.resample, dilation=stage.dilation,
                 adjust_padding=adjust)(h, y)
       h = block(stage.mult * nf, dilation=stage.dilation)(h, y)
@@ -114,32 +143,41 @@ class _RefineNet(nn.Module):
     h = act(h)
     h = layers.ncsn_conv3x3(h, x.shape[-1])
 
-    if m.scale_by_sigma:
-      sigmas = jnp.asarray(utils.get_sigmas(config))
-      h = h / sigmas[labels.astype(jnp.int32)].reshape((-1,) + (1,) * (h.ndim - 1))
+    if self.scale_by_sigma:
+      sigmas = layers.sigma_of_labels(labels, self.label_kind, self.sigmas)
+      h = h / sigmas.reshape((-1,) + (1,) * (h.ndim - 1))
     return h
 
 
 @utils.register_model(name='ncsnv2_64')
 class NCSNv2(_RefineNet):
   """NCSNv2 for images below 96 px (CIFAR-10, CelebA 64)."""
-  size: int = 64
+  size: ClassVar[int] = 64
 
 
 @utils.register_model(name='ncsnv2_128')
 class NCSNv2_128(_RefineNet):  # pylint: disable=invalid-name
   """NCSNv2's deeper network for 96-128 px (one more stage, up to 4 nf channels)."""
-  size: int = 128
+  size: ClassVar[int] = 128
 
 
 @utils.register_model(name='ncsnv2_256')
 class NCSNv2_256(_RefineNet):  # pylint: disable=invalid-name
   """NCSNv2's deeper network for 129-256 px."""
-  size: int = 256
+  size: ClassVar[int] = 256
 
 
 @utils.register_model(name='ncsn')
 class NCSN(_RefineNet):
-  """NCSN v1: the 64-px layout, every normalisation conditioned on the noise-level index."""
-  size: int = 64
-  conditional: bool = True
+  """NCSN v1: the 64-px layout, every normalisation conditioned on the noise-level index, with
+  ``num_classes`` rows (one per noise level)."""
+  size: ClassVar[int] = 64
+  conditional: ClassVar[bool] = True
+  num_classes: int
+
+  @classmethod
+  def kwargs_from_config(cls, config: ml_collections.ConfigDict) -> dict:
+    return dict(super().kwargs_from_config(config), num_classes=normalization.num_classes(config))
+
+  def _normalization(self):
+    return normalization.get_normalization(self.normalization, conditional=True, num_classes=self.num_classes)

@@ -1,4 +1,4 @@
-"""Normalisation layers of the score networks, chosen by ``config.model.normalization``.
+"""Normalisation layers of the score networks, chosen by name (``config.model.normalization``).
 
 - 'GroupNorm' (DDPM; 32 groups), 'InstanceNorm', 'VarianceNorm';
 - 'InstanceNorm++' (Song & Ermon 2019, "Generative Modeling by Estimating Gradients of the Data
@@ -126,19 +126,19 @@ def num_classes(config) -> int:
   return int(config.model.num_classes) or int(config.model.num_scales)
 
 
-def get_normalization(config, conditional: bool = False) -> Callable[..., nn.Module]:
-  """A factory for the layer named by ``config.model.normalization``.
+def get_normalization(name: str, conditional: bool = False,
+                      num_classes: int | None = None) -> Callable[..., nn.Module]:
+  """A factory for the layer named ``name`` (``config.model.normalization``).
 
-  ``conditional`` (NCSN v1) gives the noise-conditional InstanceNorm++ with ``num_classes(config)`` rows.
+  ``conditional`` (NCSN v1) gives the noise-conditional InstanceNorm++ with ``num_classes`` rows.
   """
-  name = config.model.normalization
   if name not in _NORMALIZATIONS:
     raise ValueError(f'config.model.normalization={name!r} is not known; choose one of {_NORMALIZATIONS}.')
   if conditional:
     if name != 'InstanceNorm++':
       raise ValueError(f"a noise-conditional model (NCSN) needs config.model.normalization='InstanceNorm++', "
                        f'got {name!r}.')
-    return functools.partial(ConditionalInstanceNorm2dPlus, num_classes=num_classes(config))
+    return functools.partial(ConditionalInstanceNorm2dPlus, num_classes=num_classes)
   if name == 'GroupNorm':
     return layers.group_norm_32
   if name == 'InstanceNorm':

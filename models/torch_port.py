@@ -94,7 +94,7 @@ def _check_noise_schedule(state_dict: dict[str, np.ndarray], config: ml_collecti
                      'checkpoint has ' + '; checkpoint has '.join(problems) + '.')
 
 
-def _abstract_init(model: nn.Module, config: ml_collections.ConfigDict) -> tuple[dict, list[tuple[str, str]]]:
+def _abstract_init(model: nn.Module) -> tuple[dict, list[tuple[str, str]]]:
   """The model's parameter shapes, and (name, class name) of its parameterised direct sub-modules in the
   order the forward pass first calls them."""
   calls: dict[str, str] = {}
@@ -105,9 +105,7 @@ def _abstract_init(model: nn.Module, config: ml_collections.ConfigDict) -> tuple
       calls.setdefault(path[0], type(context.module).__name__)
     return next_fun(*args, **kwargs)
 
-  import datasets  # pylint: disable=import-outside-toplevel
-  x = jnp.zeros((1,) + tuple(datasets.data_shape(config)), jnp.float32)
-  labels = jnp.ones((1,), jnp.float32)
+  x, labels = utils.dummy_inputs(model, 1)
   with nn.intercept_methods(interceptor):
     shapes = jax.eval_shape(lambda: model.init(
         {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x, labels, train=False))['params']
@@ -239,7 +237,7 @@ def load_score_sde_pytorch(path: str | os.PathLike, config: ml_collections.Confi
   state_dict = _strip_prefix(dict(state_dict))
   _check_noise_schedule(state_dict, config, path)
 
-  shapes, modules = _abstract_init(utils.create_model(config), config)
+  shapes, modules = _abstract_init(utils.create_model(config))
   params, frozen = _map_state_dict(state_dict, modules, shapes)
   _check_complete(params, shapes)
 

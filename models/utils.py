@@ -1,9 +1,11 @@
 """Model registry, initialisation, and the reference's score parameterisations.
 
-Every model is a ``flax.linen.Module`` built as ``cls(config=config)`` and called as
-``model.apply(variables, x, labels, train=...)``, NHWC (or (B, D) for toy data). What ``labels`` is and how
+Every model is a ``flax.linen.Module`` built from explicit kwargs, ``cls(**cls.kwargs_from_config(config),
+**label_kwargs(config))`` (``create_model``), and called as ``model.apply(variables, x, labels, train=...)``,
+NHWC (or (B, D) for toy data); its ``input_shape`` is the shape of one example. What ``labels`` is and how
 the network output becomes a score depend on the SDE and on continuous vs discrete training; those
-conventions live in ``get_score_fn`` alone (Song et al. 2021 reference code, models/utils.py).
+conventions live here alone: ``get_score_fn`` passes the labels and ``label_kwargs`` tells the network what
+they are (Song et al. 2021 reference code, models/utils.py).
 """
 
 from __future__ import annotations
@@ -57,21 +59,29 @@ def get_model(name: str) -> type[nn.Module]:
 
 
 def get_sigmas(config) -> np.ndarray:
-  """The descending geometric noise levels σ_max → σ_min (num_scales of them) of SMLD/NCSN models."""
-  return np.exp(np.linspace(np.log(config.model.sigma_max), np.log(config.model.sigma_min),
-                            config.model.num_scales)).astype(np.float32)
+  """The noise level of each discrete label of SMLD/NCSN models, float32 (num_scales,): label j is the
+  j-th largest, σ_max → σ_min (``sde_lib.VESDE.noise_label``)."""
+  model = config.model
+  return sde_lib.geometric_sigmas(model.sigma_min, model.sigma_max, model.num_scales)[::-1]
 
 
 def create_model(config) -> nn.Module:
-  return get_model(config.model.name)(config=config)
+  """The configured network, built from explicit kwargs: its architecture (``cls.kwargs_from_config``,
+  next to each class) and what its labels mean (``label_kwargs``)."""
+  cls = get_model(config.model.name)
+  return cls(**cls.kwargs_from_config(config), **label_kwargs(config))
+
+
+def dummy_inputs(model: nn.Module, batch_size: int) -> tuple[Array, Array]:
+  """``(x, labels)`` to trace an initialisation with: zeros of the model's ``input_shape``, unit labels."""
+  return (jnp.zeros((batch_size,) + tuple(model.input_shape), jnp.float32),
+          jnp.ones((batch_size,), jnp.int32))
 
 
 def init_model(rng: Array, config, batch_size: int = 1) -> tuple[nn.Module, Variables]:
   """Builds the configured model and initialises its variables on a dummy batch."""
-  import datasets  # pylint: disable=import-outside-toplevel  (datasets imports heavy optional deps)
   model = create_model(config)
-  x = jnp.zeros((batch_size,) + tuple(datasets.data_shape(config)), jnp.float32)
-  labels = jnp.ones((batch_size,), jnp.int32)
+  x, labels = dummy_inputs(model, batch_size)
   params_rng, dropout_rng = jax.random.split(rng)
   variables = model.init({'params': params_rng, 'dropout': dropout_rng}, x, labels, train=False)
   return model, variables
@@ -112,8 +122,8 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, *, co
         labels = t * 999
         std = sde.marginal_coeffs(t)[1]
       else:
-        labels = t * (sde.N - 1)
-        std = sde.sqrt_1m_alphas_cumprod[labels.astype(jnp.int32)]
+        labels = sde.noise_label(t)
+        std = sde.sqrt_1m_alphas_cumprod[sde.timestep_index(t)]
       return sde_lib.batch_mul(-1. / std, model_fn(x, labels))
     return score_fn
 
@@ -122,7 +132,7 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, *, co
       if continuous:
         labels = sde.marginal_coeffs(t)[1]
       else:
-        labels = jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32)
+        labels = sde.noise_label(t)
       return model_fn(x, labels)
     return score_fn
 
@@ -134,6 +144,31 @@ def is_continuous(config) -> bool:
   """Whether the network's labels are continuous (σ or 999 t) or discrete (an index): how it was
   trained. sub-VP has only a continuous objective, so its labels are always continuous."""
   return bool(config.training.continuous) or str(config.training.sde).lower() == 'subvpsde'
+
+
+def label_kind(config) -> str:
+  """What the network's labels are: the one place that decides it, from the SDE and how the network was
+  trained (``is_continuous``), matching the labels ``get_score_fn`` passes.
+
+  - 'sigma' (continuous VE): the label is σ(t) itself;
+  - 'index' (discrete VE): the label indexes the descending σ table (``get_sigmas``);
+  - 'time' (VP, sub-VP): the label is 999 t (continuous) or t (N-1) (discrete); it carries no σ.
+  """
+  name = str(config.training.sde).lower()
+  if name not in sde_lib.SDES:
+    raise ValueError(f'config.training.sde={config.training.sde!r} is not known; choose one of '
+                     f'{sorted(sde_lib.SDES)}.')
+  if name != 'vesde':
+    return 'time'
+  return 'sigma' if is_continuous(config) else 'index'
+
+
+def label_kwargs(config) -> dict[str, Any]:
+  """The networks' constructor kwargs for their labels: ``label_kind`` and ``sigmas``, the descending σ
+  table that 'index' labels point into (None for other kinds)."""
+  kind = label_kind(config)
+  sigmas = tuple(float(s) for s in get_sigmas(config)) if kind == 'index' else None
+  return {'label_kind': kind, 'sigmas': sigmas}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -182,3 +217,20 @@ def validate_model_config(config) -> None:
   check = getattr(cls, 'check_config', None)
   if check is not None:
     check(config)
+  if config.model.scale_by_sigma and label_kind(config) == 'time':
+    raise ValueError(f'config.model.scale_by_sigma=True divides the output by σ, but with '
+                     f'config.training.sde={config.training.sde!r} the labels are times (999 t or t (N-1)), '
+                     'not noise levels: set config.model.scale_by_sigma=False.')
+
+
+def check_input_shape(config, data_shape: tuple[int, ...]) -> None:
+  """Raises ValueError unless the configured network takes examples of ``data_shape``, the data
+  pipeline's shape of one example (the caller passes it: models never import the data pipeline)."""
+  model_shape = tuple(create_model(config).input_shape)
+  data_shape = tuple(data_shape)
+  if model_shape != data_shape:
+    kind = 'vector data' if len(model_shape) == 1 else 'images'
+    fix = "an image model such as 'ncsnpp'" if len(data_shape) == 3 else "config.model.name='mlp'"
+    raise ValueError(f'config.model.name={config.model.name!r} is for {kind} of shape {model_shape}; '
+                     f'config.data.dataset={config.data.dataset!r} gives examples of shape {data_shape}: '
+                     f'use {fix}.')

@@ -385,10 +385,11 @@ class _Zero:
 def test_likelihood_functions_refuse_non_finite_data_before_compiling():
   sde = sde_lib.VESDE()
   score = analytic.score_fn(sde, analytic.default_mixture(3))
-  bpd = likelihood.get_likelihood_fn(sde, lambda y: y, num_levels=17)
+  settings = dict(num_probes=1, rtol=1e-5, atol=1e-5, eps=1e-5, method='dopri5')
+  bpd = likelihood.get_likelihood_fn(sde, lambda y: y, num_levels=17, hutchinson_type='rademacher', **settings)
   with pytest.raises(ValueError, match=r'^the data given to bits/dim has 2 non-finite values \(NaN or Inf\)'):
     bpd(jax.random.PRNGKey(0), score, jnp.array([[0.5, np.nan], [np.inf, 0.5]]))
-  log_likelihood = likelihood.get_log_likelihood_fn(sde)
+  log_likelihood = likelihood.get_log_likelihood_fn(sde, 'rademacher', **settings)
   with pytest.raises(ValueError, match=r'^the input x of the log-likelihood has 1 non-finite values'):
     log_likelihood(jax.random.PRNGKey(0), score, jnp.array([[0.5, 0.5], [np.nan, 0.5]]))
   with pytest.raises(ValueError, match=r'^the image batch has 1 non-finite'):

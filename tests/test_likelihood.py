@@ -21,7 +21,9 @@ import analytic
 import datasets
 import eval_likelihood
 import likelihood
+import ode_solvers
 import sde_lib
+from configs import default_cifar10_configs
 
 SDES = {
     'vesde': lambda: sde_lib.VESDE(0.01, 50.),
@@ -35,6 +37,23 @@ DATA = {
     'gaussian': analytic.gaussian(jnp.zeros(3), COV3),
     'mixture': analytic.default_mixture(3),
 }
+
+
+_DEFAULTS = default_cifar10_configs.get_default_configs()
+SETTINGS = dict(num_probes=_DEFAULTS.eval.num_probes, rtol=_DEFAULTS.eval.ode_rtol,
+                atol=_DEFAULTS.eval.ode_atol, eps=_DEFAULTS.eval.likelihood_eps, method=_DEFAULTS.eval.ode_method)
+
+
+def log_likelihood_fn(sde, hutchinson_type, **settings):
+  """``likelihood.get_log_likelihood_fn`` with the default config's settings, except those given."""
+  return likelihood.get_log_likelihood_fn(sde, hutchinson_type, **{**SETTINGS, **settings})
+
+
+def likelihood_fn(sde, inverse_scaler, **settings):
+  """``likelihood.get_likelihood_fn`` with the default config's settings, except those given."""
+  defaults = dict(SETTINGS, num_levels=_DEFAULTS.data.num_levels,
+                  hutchinson_type=_DEFAULTS.eval.hutchinson_type)
+  return likelihood.get_likelihood_fn(sde, inverse_scaler, **{**defaults, **settings})
 
 
 def _eps_times(n):
@@ -54,7 +73,7 @@ def test_exact_divergence_gives_true_log_density(sde_name, data_name):
   """
   sde, data = SDES[sde_name](), DATA[data_name]
   x = data.sample(jax.random.PRNGKey(1), 8)
-  fn = likelihood.get_log_likelihood_fn(sde, 'exact', rtol=1e-5, atol=1e-5, eps=EPS)
+  fn = log_likelihood_fn(sde, 'exact', rtol=1e-5, atol=1e-5, eps=EPS)
   logp, z, nfe = fn(jax.random.PRNGKey(0), analytic.score_fn(sde, data), x)
   true_logp = analytic.log_prob_fn(sde, data)
   target = true_logp(x, _eps_times(8))
@@ -84,9 +103,9 @@ def test_nfe_counts_every_evaluation():
     t = io_callback(count, jax.ShapeDtypeStruct(t.shape, t.dtype), t, ordered=False)
     return score(x, t)
 
-  for method in ('dopri5', 'tsit5'):
+  for method in sorted(ode_solvers.SOLVERS):
     calls.clear()
-    fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', method=method)
+    fn = log_likelihood_fn(sde, 'rademacher', method=method)
     _, _, nfe = fn(jax.random.PRNGKey(0), counting_score, jnp.array([[4.3, -0.4, 0.2]]))
     jax.effects_barrier()
     assert int(nfe[0]) == len(calls), method
@@ -97,11 +116,11 @@ def test_hutchinson_is_unbiased_and_variance_falls_with_probes():
   sde, data = SDES['vpsde'](), DATA['gaussian']
   score = analytic.score_fn(sde, data)
   x = jnp.array([[0.7, -0.4, 0.5]])
-  exact, z_exact, _ = likelihood.get_log_likelihood_fn(sde, 'exact')(jax.random.PRNGKey(0), score, x)
+  exact, z_exact, _ = log_likelihood_fn(sde, 'exact')(jax.random.PRNGKey(0), score, x)
   copies = jnp.repeat(x, 256, axis=0)
   spread = {}
   for kind, probes in (('rademacher', 1), ('gaussian', 1), ('rademacher', 16)):
-    fn = likelihood.get_log_likelihood_fn(sde, kind, num_probes=probes)
+    fn = log_likelihood_fn(sde, kind, num_probes=probes)
     logp, z, _ = fn(jax.random.PRNGKey(3), score, copies)
     logp = np.asarray(logp, np.float64)
     stderr = logp.std(ddof=1) / math.sqrt(logp.size)
@@ -154,7 +173,7 @@ def test_bits_per_dim_of_known_discrete_distribution(centered, num_levels):
   rng = np.random.default_rng(0)
   levels = np.clip(np.rint(rng.normal(0.5, 0.15, (256, 3)) * num_levels - 0.5), 0, num_levels - 1)
   levels = jnp.asarray(levels.astype(np.int32))
-  fn = likelihood.get_likelihood_fn(sde, inverse_scaler, num_levels=num_levels)
+  fn = likelihood_fn(sde, inverse_scaler, num_levels=num_levels)
   key = jax.random.PRNGKey(0)
   bpd, z, _ = fn(key, analytic.score_fn(sde, data), levels)
   prior_fix = analytic.log_prob_fn(sde, data)(z, jnp.full((256,), sde.T)) - sde.prior_logp(z)
@@ -184,16 +203,16 @@ def test_bits_per_dim_of_known_discrete_distribution(centered, num_levels):
 
 def test_bits_per_dim_refuses_undequantizable_input():
   sde = SDES['vesde']()
-  fn = likelihood.get_likelihood_fn(sde, lambda y: y, num_levels=17)
+  fn = likelihood_fn(sde, lambda y: y, num_levels=17)
   score = analytic.score_fn(sde, DATA['gaussian'])
   with pytest.raises(TypeError, match='integer data levels'):
     fn(jax.random.PRNGKey(0), score, jnp.full((2, 3), 0.5))
   with pytest.raises(ValueError, match=r'\[0, 16\]'):
     fn(jax.random.PRNGKey(0), score, jnp.full((2, 3), 17, jnp.int32))
   with pytest.raises(ValueError, match='affine'):
-    likelihood.get_likelihood_fn(sde, jnp.tanh)
+    likelihood_fn(sde, jnp.tanh)
   with pytest.raises(ValueError, match='config.eval.hutchinson_type'):
-    likelihood.get_log_likelihood_fn(sde, 'Rademacher ')
+    log_likelihood_fn(sde, 'Rademacher ')
   with pytest.raises(ValueError, match='uniform_dequantization=False'):
     likelihood.levels_from_unit_interval(np.array([[0.5 / 17]]), 17)
   np.testing.assert_array_equal(likelihood.levels_from_unit_interval(np.array([[0., 0.5, 1.]]), 17),
@@ -206,9 +225,10 @@ def test_encode_decode_round_trip():
   sde, data = SDES['vpsde'](), DATA['mixture']
   score = analytic.score_fn(sde, data)
   x = data.sample(jax.random.PRNGKey(5), 4)
-  fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', rtol=1e-6, atol=1e-6, eps=EPS)
+  fn = log_likelihood_fn(sde, 'rademacher', rtol=1e-6, atol=1e-6, eps=EPS)
   _, z, _ = fn(jax.random.PRNGKey(0), score, x)
-  decode = sampling.get_ode_sampler(sde, x.shape, rtol=1e-6, atol=1e-6, eps=EPS)
+  decode = sampling.get_ode_sampler(sde, x.shape, rtol=1e-6, atol=1e-6, method='dopri5', eps=EPS,
+                                    denoise=False)
   x_back, _ = decode(jax.random.PRNGKey(1), score, z=z)
   error = float(jnp.max(jnp.abs(x_back - x)))
   print(f'round trip max |x - decode(encode(x))| = {error:.1e} (|x| up to {float(jnp.max(jnp.abs(x))):.1f})')
@@ -332,7 +352,8 @@ _SHARDED = textwrap.dedent('''
     data = analytic.default_mixture(3)
     x = data.sample(jax.random.PRNGKey(1), 8)
     x = jax.device_put(x, parallel.batch_sharding(parallel.data_mesh(), 2))
-    fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=2)
+    fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=2, rtol=1e-5, atol=1e-5, eps=1e-5,
+                                          method='dopri5')
     logp, z, nfe = fn(jax.random.PRNGKey(0), analytic.score_fn(sde, data), x)
     print(json.dumps({'devices': jax.device_count(), 'logp': logp.tolist(), 'nfe': nfe.tolist(),
                       'shards': len(logp.sharding.device_set)}))
@@ -349,7 +370,7 @@ def test_sharded_over_four_devices_matches_one():
   assert sharded['devices'] == 4 and sharded['shards'] == 4
   sde = sde_lib.subVPSDE()
   data = analytic.default_mixture(3)
-  fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=2)
+  fn = log_likelihood_fn(sde, 'rademacher', num_probes=2)
   logp, _, nfe = fn(jax.random.PRNGKey(0), analytic.score_fn(sde, data),
                     data.sample(jax.random.PRNGKey(1), 8))
   np.testing.assert_allclose(sharded['logp'], logp, rtol=1e-5, atol=1e-4)

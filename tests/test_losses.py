@@ -133,7 +133,7 @@ def _per_level_score(levels_scale, levels_std):
 @pytest.mark.parametrize('reduce_mean', [False, True])
 def test_smld_exact_score_minimum_and_perturbation(reduce_mean):
   sde = SDES['vesde']
-  sigmas_desc = sde.discrete_sigmas[::-1]
+  sigmas_desc = sde.label_sigma(jnp.arange(sde.N))  # σ of each network label, σ_max first
   exact = _per_level_score(jnp.ones_like(sigmas_desc), sigmas_desc)
   shifted = lambda x, labels: exact(x, labels) + SHIFT
   s = np.asarray(sigmas_desc, np.float64)

@@ -39,6 +39,24 @@ def test_shapes_zero_init_and_scale_by_sigma():
   np.testing.assert_allclose(scaled * sigmas[:, None], unscaled, rtol=1e-5)
 
 
+def test_scale_by_sigma_reads_sigma_as_models_utils_says():
+  """Discrete VE labels index the descending σ table (``label_kwargs``), continuous VE labels are σ, VP
+  labels are times; the network is told which and never infers it from its embedding."""
+  config = ve_toy.get_config()
+  config.training.continuous, config.model.embedding_type = False, 'positional'
+  model, variables = mutils.init_model(jax.random.PRNGKey(0), config, batch_size=3)
+  assert model.label_kind == 'index' and model.input_shape == (2,)
+  variables = _randomise_output_layer(variables, jax.random.PRNGKey(2))
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 2))
+  labels = jnp.array([0, 4, config.model.num_scales - 1])
+  scaled = model.apply(variables, x, labels, train=False)
+  unscaled = model.clone(scale_by_sigma=False).apply(variables, x, labels, train=False)
+  sigmas = mutils.get_sigmas(config)[np.asarray(labels)]
+  np.testing.assert_allclose(scaled * sigmas[:, None], unscaled, rtol=1e-6)
+  assert mutils.create_model(ve_toy.get_config()).label_kind == 'sigma'
+  assert mutils.create_model(vp_toy.get_config()).label_kind == 'time'
+
+
 def test_fourier_features_are_frozen_and_positional_labels_work():
   config = ve_toy.get_config()
   model, variables = mutils.init_model(jax.random.PRNGKey(0), config, batch_size=4)

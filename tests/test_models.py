@@ -4,7 +4,10 @@ forward/backward checks of every architecture and NCSN++ option on tiny configs.
 (Numerical parity with the reference's own checkpoints is in test_torch_port.py.)
 """
 
+import glob
 import importlib
+import os
+import re
 
 import flax
 import jax
@@ -16,6 +19,7 @@ from scipy import signal
 import datasets
 from configs import default_cifar10_configs
 from models import layers
+from models import ncsnpp
 from models import normalization
 from models import up_or_down_sampling as updown
 from models import utils
@@ -158,7 +162,7 @@ def load_config(name):
 def abstract_params(config):
   """Parameter shapes from jax.eval_shape (no memory, no compilation)."""
   model = utils.create_model(config)
-  x = jnp.zeros((1,) + tuple(datasets.data_shape(config)), jnp.float32)
+  x = jnp.zeros((1,) + model.input_shape, jnp.float32)
   labels = jnp.ones((1,), jnp.float32 if config.training.continuous else jnp.int32)
   return jax.eval_shape(lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
                                            x, labels, train=False))
@@ -225,7 +229,7 @@ def forward_backward(config, batch=2):
   """(input, output, grads) of a random batch under random parameters, train mode with dropout."""
   utils.validate_model_config(config)
   model = utils.create_model(config)
-  x = jax.random.uniform(jax.random.key(1), (batch,) + tuple(datasets.data_shape(config)))
+  x = jax.random.uniform(jax.random.key(1), (batch,) + model.input_shape)
   labels = _labels(config, batch)
   variables = random_variables(model, x, labels)
 
@@ -355,3 +359,72 @@ def test_unknown_options_are_clear_errors():
     utils.validate_model_config(config)
   with pytest.raises(ValueError, match='config.model.name'):
     utils.validate_model_config(tiny_config('ncsnpp++'))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks are built from explicit kwargs; models.utils alone decides what their labels mean.
+
+
+def test_networks_are_built_from_explicit_kwargs():
+  """create_model(config) is cls(**cls.kwargs_from_config(config), **label_kwargs(config)); the network
+  holds no config, and the same kwargs written by hand build the same network."""
+  config = tiny_config('ncsnpp', embedding_type='positional')
+  config.training.continuous = False
+  model = utils.create_model(config)
+  assert not any(isinstance(v, type(config)) for v in vars(model).values())
+  by_hand = ncsnpp.NCSNpp(
+      nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8, num_channels=1,
+      centered=False, nonlinearity='swish', conditional=True, embedding_type='positional', fourier_scale=16.,
+      resblock_type='biggan', fir=True, fir_kernel=(1., 3., 3., 1.), resamp_with_conv=True,
+      progressive='none', progressive_input='residual', progressive_combine='sum', skip_rescale=True,
+      init_scale=0.5, dropout=0.1,
+      scale_by_sigma=False, label_kind='index', sigmas=tuple(float(s) for s in utils.get_sigmas(config)))
+  assert by_hand == model and model.input_shape == (8, 8, 1)
+  for name in ('ddpm', 'ncsnv2_64', 'ncsn', 'mlp'):
+    config = tiny_config(name, nf=32, normalization='InstanceNorm++', num_layers=1)
+    config.training.continuous = False
+    cls = utils.get_model(name)
+    assert utils.create_model(config) == cls(**cls.kwargs_from_config(config), **utils.label_kwargs(config))
+
+
+@pytest.mark.parametrize('sde,continuous,kind', [
+    ('vesde', True, 'sigma'), ('VESDE', False, 'index'), ('vpsde', True, 'time'), ('vpsde', False, 'time'),
+    ('subvpsde', True, 'time'), ('subvpsde', False, 'time')])
+def test_label_kind_comes_from_the_sde_and_training(sde, continuous, kind):
+  config = tiny_config('ncsnpp', embedding_type='positional')
+  config.training.sde, config.training.continuous = sde, continuous
+  kwargs = utils.label_kwargs(config)
+  assert kwargs['label_kind'] == utils.label_kind(config) == kind
+  if kind == 'index':
+    np.testing.assert_array_equal(np.asarray(kwargs['sigmas'], np.float32), utils.get_sigmas(config))
+  else:
+    assert kwargs['sigmas'] is None
+  assert utils.create_model(config).label_kind == kind
+
+
+def test_scale_by_sigma_needs_noise_level_labels():
+  """VP / sub-VP labels are times, which carry no σ to divide by: a clear error before anything runs."""
+  config = tiny_config('ncsnpp', embedding_type='positional', scale_by_sigma=True)
+  config.training.sde = 'vpsde'
+  with pytest.raises(ValueError, match='config.model.scale_by_sigma'):
+    utils.validate_model_config(config)
+  with pytest.raises(ValueError, match='scale_by_sigma'):
+    model = utils.create_model(config)
+    jax.eval_shape(lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
+                                      *utils.dummy_inputs(model, 1), train=False))
+
+
+def test_input_shape_is_checked_against_the_data():
+  config = tiny_config('mlp', num_layers=1)
+  with pytest.raises(ValueError, match="config.model.name='mlp' is for vector data"):
+    utils.check_input_shape(config, datasets.data_shape(config))
+  utils.check_input_shape(tiny_config('ncsnpp'), datasets.data_shape(tiny_config('ncsnpp')))
+  with pytest.raises(ValueError, match="config.model.name='ncsnpp' is for images"):
+    utils.check_input_shape(tiny_config('ncsnpp'), (2,))
+
+
+def test_models_do_not_import_the_data_pipeline():
+  models_dir = os.path.join(os.path.dirname(__file__), '..', 'models')
+  for path in glob.glob(os.path.join(models_dir, '*.py')):
+    with open(path, encoding='utf-8') as f:
+      assert not re.search(r'^\s*(import datasets|from datasets import)', f.read(), re.M), path

@@ -166,3 +166,79 @@ def test_get_sde_rejects_unknown_names():
   config = ml_collections.ConfigDict({'training': {'sde': 'vesd'}, 'model': {}})
   with pytest.raises(ValueError, match=r"config.training.sde='vesd'.*\['subvpsde', 'vesde', 'vpsde'\]"):
     sde_lib.get_sde(config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Discrete schedules: every table and index against its closed form.
+
+
+@pytest.mark.parametrize('name', SDES)
+def test_timestep_index_truncates_and_walks_the_sampler_grid(name):
+  sde = SDES[name](50)
+  # The samplers' times linspace(T, eps, N) visit every step once, from N-1 down to 0.
+  for eps in (1e-3, 1e-5):
+    np.testing.assert_array_equal(sde.timestep_index(jnp.linspace(sde.T, eps, sde.N)), np.arange(49, -1, -1))
+  t = jnp.array([0., 0.3, 0.99 / 49, 1.01 / 49, 1.])
+  np.testing.assert_allclose(sde.discrete_time(t), np.asarray(t) * 49, rtol=1e-6)
+  np.testing.assert_array_equal(sde.timestep_index(t), [0, 14, 0, 1, 49])  # int(), not round()
+
+
+def test_geometric_sigmas_closed_form_and_the_sde_table():
+  for sigma_min, sigma_max, n in ((0.01, 50., 1000), (0.01, 348., 2000), (0.5, 1., 7), (0.01, 50., 1)):
+    sigmas = sde_lib.geometric_sigmas(sigma_min, sigma_max, n)
+    i = np.arange(n)
+    closed = sigma_min * (sigma_max / sigma_min)**(i / max(n - 1, 1)) if n > 1 else np.array([sigma_max])
+    assert sigmas.dtype == np.float32 and sigmas.shape == (n,)
+    np.testing.assert_allclose(sigmas, closed, rtol=1e-6)
+    if n > 1:  # the SDE's float32 table holds the same levels, a few ulps apart
+      np.testing.assert_allclose(sde_lib.VESDE(sigma_min, sigma_max, n).discrete_sigmas, sigmas, rtol=1e-6)
+
+
+def test_adjacent_sigma_and_smld_ancestral_coefficients():
+  """σ_{i-1} with σ_{-1} = 0, and the coefficients of eq. 47,
+  x_{i-1} = x_i + (σ_i² − σ_{i−1}²) s + √(σ_{i−1}² (σ_i² − σ_{i−1}²) / σ_i²) z, from the closed-form σ_i."""
+  sde = sde_lib.VESDE(0.01, 50., 20)
+  index = jnp.arange(20)
+  sigma = 0.01 * (50. / 0.01)**(np.arange(20) / 19)
+  previous = np.concatenate([[0.], sigma[:-1]])
+  np.testing.assert_allclose(sde.adjacent_sigma(index), previous, rtol=1e-5)
+  scale, score_coeff, std = sde.ancestral_coefficients(index)
+  np.testing.assert_array_equal(scale, np.ones(20))
+  np.testing.assert_allclose(score_coeff, sigma**2 - previous**2, rtol=1e-5)
+  np.testing.assert_allclose(std, np.sqrt(previous**2 * (sigma**2 - previous**2) / sigma**2), rtol=1e-5)
+  assert float(std[0]) == 0.  # the last step to the data adds no noise
+
+
+def test_ddpm_betas_and_ancestral_coefficients():
+  """β_i = β̄_min/N + i (β̄_max − β̄_min)/(N(N−1)) (Ho et al. 2020 with β̄ = N β) as a table and in closed
+  form, for VP and sub-VP; eq. 4's x_{i-1} = (x_i + β_i s)/√(1−β_i) + √β_i z; ᾱ_i = Π_{k≤i} (1 − β_k)."""
+  N = 30
+  beta = 0.1 / N + np.arange(N) * (20. - 0.1) / (N * (N - 1))
+  vp, subvp = sde_lib.VPSDE(0.1, 20., N), sde_lib.subVPSDE(0.1, 20., N)
+  np.testing.assert_allclose(vp.discrete_betas, beta, rtol=1e-5)
+  for sde in (vp, subvp):
+    np.testing.assert_allclose(sde.discrete_beta(jnp.arange(N)), beta, rtol=1e-5)
+  np.testing.assert_allclose(vp.alphas_cumprod, np.cumprod(1 - beta), rtol=1e-5)
+  np.testing.assert_allclose(vp.sqrt_1m_alphas_cumprod, np.sqrt(1 - np.cumprod(1 - beta)), rtol=1e-5)
+  scale, score_coeff, std = vp.ancestral_coefficients(jnp.arange(N))
+  np.testing.assert_allclose(scale, 1 / np.sqrt(1 - beta), rtol=1e-6)
+  np.testing.assert_allclose(score_coeff, beta, rtol=1e-5)
+  np.testing.assert_allclose(std, np.sqrt(beta), rtol=1e-5)
+
+
+def test_noise_labels_round_trip_to_the_step_tables():
+  """A discrete VE network's label j counts noise levels from σ_max: label_sigma(noise_label(t)) is the
+  σ of the step at t, and label j is step N-1-j. A DDPM network's label is the fractional step t (N-1)."""
+  N = 40
+  ve, vp = sde_lib.VESDE(0.01, 50., N), sde_lib.VPSDE(0.1, 20., N)
+  step = np.arange(N)
+  t = jnp.asarray((step + 0.25) / (N - 1)).clip(0., 1.)  # off the grid, where int() and round() agree
+  label = ve.noise_label(t)
+  assert label.dtype == jnp.int32
+  np.testing.assert_array_equal(label, N - 1 - step)
+  np.testing.assert_array_equal(ve.timestep_index(t), step)
+  np.testing.assert_array_equal(ve.label_sigma(label), ve.discrete_sigmas[step])
+  np.testing.assert_array_equal(ve.label_sigma(jnp.arange(N)), ve.discrete_sigmas[::-1])
+  # On the grid itself the label rounds where the step index truncates: both are exact there.
+  np.testing.assert_array_equal(ve.noise_label(jnp.asarray(step / (N - 1))), N - 1 - step)
+  np.testing.assert_allclose(vp.noise_label(t), (step + 0.25).clip(0, N - 1), rtol=1e-6)
