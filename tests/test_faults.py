@@ -256,12 +256,12 @@ def test_resuming_with_another_config_is_refused_naming_the_keys(tmp_path, caplo
   run_lib.train(_config(**{'training.n_iters': 5}), str(workdir))
   assert json.loads((workdir / 'config.json').read_text())['model']['nf'] == 32
 
-  changed = _config(**{'training.n_iters': 10, 'model.nf': 16, 'training.sde': 'vpsde'})
+  changed = _config(**{'training.n_iters': 10, 'model.nf': 16, 'training.likelihood_weighting': True})
   with pytest.raises(ValueError) as info:
     run_lib.train(changed, str(workdir))
   message = str(info.value)
   assert f'{workdir} holds checkpoints trained with another config ({workdir / "config.json"}); changed: ' \
-         "model.nf: 32 -> 16; training.sde: 'vesde' -> 'vpsde'. " in message
+         'model.nf: 32 -> 16; training.likelihood_weighting: False -> True. ' in message
   assert '--allow_config_change' in message
 
   # What only changes when things happen, or how the run is evaluated and sampled, may change.
