@@ -67,18 +67,18 @@ def main(argv):
   logging.info('mode=%s workdir=%s process %d/%d, %d devices', FLAGS.mode, workdir, jax.process_index(),
                jax.process_count(), jax.device_count())
 
-  import run_lib  # pylint: disable=import-outside-toplevel  (after jax.distributed.initialize)
+  from scoresde import run_lib  # pylint: disable=import-outside-toplevel  (after jax.distributed.initialize)
   if FLAGS.mode == 'train':
     run_lib.train(config, workdir, allow_config_change=FLAGS.allow_config_change)
   elif FLAGS.mode == 'eval':
     run_lib.evaluate(config, workdir, FLAGS.eval_folder)
   elif FLAGS.mode == 'sample':
-    import generate  # pylint: disable=import-outside-toplevel
+    from scoresde import generate  # pylint: disable=import-outside-toplevel
     out = generate.generate(config, workdir, checkpoint=FLAGS.checkpoint)
     logging.info('samples written to %s', out)
   elif FLAGS.mode == 'fid_stats':
-    import eval_samples  # pylint: disable=import-outside-toplevel
-    out = eval_samples.compute_dataset_stats(config)
+    from scoresde.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
+    out = sample_quality.compute_dataset_stats(config)
     logging.info('dataset statistics written to %s', out)
 
 

@@ -62,7 +62,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import datasets  # pylint: disable=g-import-not-at-top
+from scoresde import datasets  # pylint: disable=g-import-not-at-top
 
 try:
   import grain  # pylint: disable=g-import-not-at-top

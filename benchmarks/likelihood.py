@@ -31,10 +31,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import datasets  # pylint: disable=g-import-not-at-top
-import likelihood
-import sde_lib
-from models import utils as mutils
+from scoresde import datasets  # pylint: disable=g-import-not-at-top
+from scoresde import likelihood
+from scoresde import sde_lib
+from scoresde.models import utils as mutils
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Digits training workdir whose newest checkpoint to load.')
@@ -54,7 +54,7 @@ def _variables(config, workdir: str | None):
   """(model, variables, description): the newest checkpoint of ``workdir``, else a random init."""
   model, variables = mutils.init_model(jax.random.PRNGKey(0), config)
   if workdir and os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    import checkpointing  # pylint: disable=import-outside-toplevel  (training helper's module)
+    from scoresde import checkpointing  # pylint: disable=import-outside-toplevel  (training helper's module)
     variables, step = checkpointing.load_variables(config, workdir)
     return model, variables, f'EMA checkpoint at step {step} of {workdir}'
   return model, variables, 'random init (no trained checkpoint given)'

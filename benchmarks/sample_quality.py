@@ -21,11 +21,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import datasets  # pylint: disable=wrong-import-position
-import evaluation  # pylint: disable=wrong-import-position
-import images  # pylint: disable=wrong-import-position
+from scoresde import datasets  # pylint: disable=wrong-import-position
+from scoresde import evaluation  # pylint: disable=wrong-import-position
+from scoresde.infra import images  # pylint: disable=wrong-import-position
 from configs import default_cifar10_configs  # pylint: disable=wrong-import-position
-from models import inception  # pylint: disable=wrong-import-position
+from scoresde.evaluation import inception  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('inception_batch', 32, 'Images per Inception batch.')

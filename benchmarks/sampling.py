@@ -1,6 +1,6 @@
 """Sampler wall time, NFE, and sample quality versus NFE.
 
-1. Quality vs NFE on the 2-D three-mode Gaussian mixture (``analytic.default_mixture``) with its exact
+1. Quality vs NFE on the 2-D three-mode Gaussian mixture (``gaussian_mixture.default_mixture``) with its exact
    score: unbiased MMD² (Gaussian kernel) between ``--n`` samples and as many exact samples, and the
    largest errors of the mode weights and per-mode variances, for the PC sampler at N in
    {50, 100, 250, 1000} and the probability-flow ODE (Dopri5) at several tolerances, under VE
@@ -36,11 +36,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import analytic  # pylint: disable=g-import-not-at-top
-import datasets
-import sampling
-import sde_lib
-from models import utils as mutils
+from scoresde import gaussian_mixture  # pylint: disable=g-import-not-at-top
+from scoresde import datasets
+from scoresde import sampling
+from scoresde import sde_lib
+from scoresde.models import utils as mutils
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('n', 10_000, 'Samples per Gaussian-mixture quality measurement.')
@@ -72,7 +72,7 @@ def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float = 1., chunk: int = 2000)
   return float(mean_kernel(x, x, True) + mean_kernel(y, y, True) - 2 * mean_kernel(x, y, False))
 
 
-def moment_errors(x: np.ndarray, data: analytic.GaussianMixture) -> tuple[float, float]:
+def moment_errors(x: np.ndarray, data: gaussian_mixture.GaussianMixture) -> tuple[float, float]:
   """(max |ŵ_k - w_k|, max |v̂_k / s_k² - 1|) with samples assigned to modes by responsibility."""
   labels = np.asarray(jax.vmap(data.component_log_probs)(x.astype(np.float32))).argmax(1)
   weights = np.bincount(labels, minlength=len(data.weights)) / len(x)
@@ -90,7 +90,7 @@ def _timed(sampler, *args, **kwargs):
 
 
 def mixture_sweep():
-  data = analytic.default_mixture(2)
+  data = gaussian_mixture.default_mixture(2)
   n = FLAGS.n
   truth = np.asarray(data.sample(jax.random.PRNGKey(100), n), np.float64)
   exact = np.asarray(data.sample(jax.random.PRNGKey(101), n), np.float64)
@@ -117,13 +117,13 @@ def mixture_sweep():
       sde = make(steps)
       row(name, f'PC {predictor} + {corrector}', f'N = {steps}',
           sampling.get_pc_sampler(sde, (n, 2), predictor, corrector, eps=eps, **_PC_SETTINGS),
-          analytic.isotropic_score_fn(sde, data))
+          gaussian_mixture.isotropic_score_fn(sde, data))
     sde = make(1000)
     for tol in (1e-2, 1e-3, 1e-4, 1e-5):
       row(name, 'ODE dopri5', f'rtol = atol = {tol:g}',
           sampling.get_ode_sampler(sde, (n, 2), rtol=tol, atol=tol, method='dopri5', eps=eps,
                                    denoise=False),
-          analytic.isotropic_score_fn(sde, data))
+          gaussian_mixture.isotropic_score_fn(sde, data))
 
 
 def _model(module: str, workdir: str | None):
@@ -131,7 +131,7 @@ def _model(module: str, workdir: str | None):
   model, variables = mutils.init_model(jax.random.PRNGKey(0), config)
   source = 'random init'
   if workdir and os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    import checkpointing  # pylint: disable=import-outside-toplevel
+    from scoresde import checkpointing  # pylint: disable=import-outside-toplevel
     variables, step = checkpointing.load_variables(config, workdir)
     source = f'EMA checkpoint, step {step}'
   return config, model, variables, source

@@ -26,12 +26,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import datasets  # pylint: disable=g-import-not-at-top
-import losses
-import parallel
-import run_lib
-import sde_lib
-from models import utils as mutils
+from scoresde import datasets  # pylint: disable=g-import-not-at-top
+from scoresde import losses
+from scoresde.infra import parallel
+from scoresde import run_lib
+from scoresde import sde_lib
+from scoresde.models import utils as mutils
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('configs', ['ve.digits_ncsnpp_continuous', 've.cifar10_ncsnpp_continuous'],

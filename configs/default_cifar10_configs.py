@@ -54,7 +54,7 @@ def get_default_configs():
   evaluate.ode_method = 'dopri5'
   evaluate.ode_rtol = 1e-5
   evaluate.ode_atol = 1e-5
-  # ours (sample quality, eval_samples.py):
+  # ours (sample quality, sample_quality.py):
   evaluate.inception_path = ''  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth ('' = torch hub cache)
   evaluate.stats_path = ''  # from --mode=fid_stats ('' = assets/stats/{dataset}_{image_size}_stats.npz)
   evaluate.feature_batch_size = 250  # images per Inception / digits-classifier batch

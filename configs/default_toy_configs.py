@@ -1,6 +1,6 @@
 """Defaults for 2-D toy data (data.dataset in gmm, checkerboard, swissroll, moons) with the MLP score
 network: seconds per thousand steps on a CPU, for tests and quick experiments. 'gmm' is
-``analytic.default_mixture``, whose exact scores are known at every t.
+``gaussian_mixture.default_mixture``, whose exact scores are known at every t.
 
 Built on the CIFAR-10 defaults; every change is listed here.
 """

@@ -20,9 +20,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
-import images  # pylint: disable=g-import-not-at-top,wrong-import-position
-from models import digits_classifier  # pylint: disable=g-import-not-at-top,wrong-import-position
+from scoresde import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
+from scoresde.infra import images  # pylint: disable=g-import-not-at-top,wrong-import-position
+from scoresde.evaluation import digits_classifier  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SEED = 0
 BATCH_SIZE = 64

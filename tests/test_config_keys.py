@@ -27,13 +27,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-import datasets
-import eval_samples
-import losses
-import run_lib
-import sampling
-import sde_lib
-from models import utils
+from scoresde import datasets
+from scoresde.evaluation import sample_quality
+from scoresde import losses
+from scoresde import run_lib
+from scoresde import sampling
+from scoresde import sde_lib
+from scoresde.models import utils
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 CONFIG_DIR = os.path.join(REPO, 'configs')
@@ -140,8 +140,8 @@ def _build(config, log: Log, train_step: bool):
         variables['params'])
   sampling.get_sampling_fn(cfg, sde, (2,) + shape, inverse_scaler)
   if datasets.dataset_name(cfg) not in datasets.TOY_DATASETS:
-    eval_samples.stats_path(cfg)
-    eval_samples.sample_settings(cfg, 'features')
+    sample_quality.stats_path(cfg)
+    sample_quality.sample_settings(cfg, 'features')
   return sde, out, variables
 
 
@@ -222,7 +222,8 @@ CONFIG_KEY = re.compile(r'\bconfig\.(training|sampling|eval|data|model|optim)\.(
 
 
 def _source_lines():
-  assert 'datasets.py' in LIBRARY_FILES and os.path.join('models', 'ncsnpp.py') in LIBRARY_FILES
+  assert os.path.join('scoresde', 'datasets.py') in LIBRARY_FILES
+  assert os.path.join('scoresde', 'models', 'ncsnpp.py') in LIBRARY_FILES
   for path in LIBRARY_FILES:
     with open(os.path.join(REPO, path), encoding='utf-8') as f:
       for number, line in enumerate(f, 1):

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-import run_lib
+from scoresde import run_lib
 
 
 def _config(name='ve/toy_gmm'):

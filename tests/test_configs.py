@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from models import normalization
-from models import utils
+from scoresde.models import normalization
+from scoresde.models import utils
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 ALL_CONFIGS = sorted(

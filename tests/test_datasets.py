@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default_cifar10_configs
-import datasets
+from scoresde import datasets
 
 
 def make_config(dataset='digits', image_size=8, num_channels=1, num_levels=17, batch_size=8,

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-import datasets
-import eval_samples
-import evaluation
-import images
-import sde_lib
+from scoresde import datasets
+from scoresde.evaluation import sample_quality
+from scoresde import evaluation
+from scoresde.infra import images
+from scoresde import sde_lib
 from configs import default_cifar10_configs
-from models import digits_classifier, inception
+from scoresde.evaluation import digits_classifier, inception
 from scripts import train_digits_classifier
 
 
@@ -295,7 +295,7 @@ def tiny_model():
 def test_evaluate_samples_exact_count_report_and_resume(tmp_path, tiny_model, monkeypatch):
   model, variables, sde = tiny_model
   config = _eval_config(num_samples=10, batch_size=4)  # 3 rounds: 4 + 4 + 2 kept of 4
-  full = eval_samples.evaluate_samples(config, str(tmp_path / 'full'), 3, model, variables, sde,
+  full = sample_quality.evaluate_samples(config, str(tmp_path / 'full'), 3, model, variables, sde,
                                        show_progress=False)
   assert full['num_samples'] == 10 and full['feature_network'] == 'digits_classifier'
   assert full['nfe_mean'] == config.model.num_scales  # reverse diffusion, no corrector
@@ -308,7 +308,7 @@ def test_evaluate_samples_exact_count_report_and_resume(tmp_path, tiny_model, mo
   assert np.load(run_dir / 'samples_0.npz')['samples'].dtype == np.uint8
 
   # Preempted after the first round: the rerun samples only the missing rounds and reports the same.
-  real_get = eval_samples.sampling.get_sampling_fn
+  real_get = sample_quality.sampling.get_sampling_fn
   calls = []
 
   def flaky_get(*args, **kwargs):
@@ -321,15 +321,15 @@ def test_evaluate_samples_exact_count_report_and_resume(tmp_path, tiny_model, mo
       return sampler(*a, **k)
     return wrapped
   flaky_get.resumed = False
-  monkeypatch.setattr(eval_samples.sampling, 'get_sampling_fn', flaky_get)
-  monkeypatch.setattr(eval_samples, '_SAMPLERS', {})
+  monkeypatch.setattr(sample_quality.sampling, 'get_sampling_fn', flaky_get)
+  monkeypatch.setattr(sample_quality, '_SAMPLERS', {})
   with pytest.raises(KeyboardInterrupt):
-    eval_samples.evaluate_samples(config, str(tmp_path / 'cut'), 3, model, variables, sde,
+    sample_quality.evaluate_samples(config, str(tmp_path / 'cut'), 3, model, variables, sde,
                                   show_progress=False)
   flaky_get.resumed = True
   calls.clear()
-  eval_samples._SAMPLERS.clear()  # pylint: disable=protected-access  (a fresh process after preemption)
-  resumed = eval_samples.evaluate_samples(config, str(tmp_path / 'cut'), 3, model, variables, sde,
+  sample_quality._SAMPLERS.clear()  # pylint: disable=protected-access  (a fresh process after preemption)
+  resumed = sample_quality.evaluate_samples(config, str(tmp_path / 'cut'), 3, model, variables, sde,
                                           show_progress=False)
   assert calls == [4, 8]
   for key in ('fid', 'is', 'is_std', 'is_single_split', 'kid', 'kid_stderr', 'nfe_mean'):
@@ -338,7 +338,7 @@ def test_evaluate_samples_exact_count_report_and_resume(tmp_path, tiny_model, mo
   other = _eval_config(num_samples=10, batch_size=4)
   other.seed = 7
   with pytest.raises(ValueError, match='other settings.*seed'):
-    eval_samples.evaluate_samples(other, str(tmp_path / 'cut'), 3, model, variables, sde,
+    sample_quality.evaluate_samples(other, str(tmp_path / 'cut'), 3, model, variables, sde,
                                   show_progress=False)
 
 
@@ -347,12 +347,13 @@ import os, sys
 import jax, numpy as np
 sys.path.insert(0, os.getcwd())
 assert jax.device_count() == 4, jax.devices()
-import eval_samples, sde_lib
+from scoresde.evaluation import sample_quality
+from scoresde import sde_lib
 from tests import test_evaluation as t
 config = t._eval_config(num_samples=10, batch_size=4)
 model = t._TinyScore(config)
 variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32), None)
-eval_samples.evaluate_samples(config, sys.argv[1], 3, model, variables,
+sample_quality.evaluate_samples(config, sys.argv[1], 3, model, variables,
                               sde_lib.VESDE(0.01, 1., N=config.model.num_scales), show_progress=False)
 """
 
@@ -361,7 +362,7 @@ def test_samples_and_features_do_not_depend_on_the_device_count(tmp_path, tiny_m
   # Sample i comes from fold_in(seed, i); the batch is sharded over 4 CPU devices in a subprocess.
   model, variables, sde = tiny_model
   config = _eval_config(num_samples=10, batch_size=4)
-  one = eval_samples.evaluate_samples(config, str(tmp_path / 'one'), 3, model, variables, sde,
+  one = sample_quality.evaluate_samples(config, str(tmp_path / 'one'), 3, model, variables, sde,
                                       show_progress=False)
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
   subprocess.run([sys.executable, '-c', _FOUR_DEVICE_SCRIPT, str(tmp_path / 'four')], check=True, env=env,
@@ -379,19 +380,19 @@ def test_samples_and_features_do_not_depend_on_the_device_count(tmp_path, tiny_m
 def test_compute_dataset_stats_round_trip(tmp_path, digits_extractor, digits_features):
   config = _digits_config()
   config.eval.batch_size = 256
-  path = eval_samples.compute_dataset_stats(config, str(tmp_path / 'digits_stats.npz'))
+  path = sample_quality.compute_dataset_stats(config, str(tmp_path / 'digits_stats.npz'))
   with np.load(path) as data:
     assert int(data['num_examples']) == 1497 and str(data['split']) == 'train'
     np.testing.assert_allclose(data['pool_3'], digits_features['train'][0], rtol=1e-6, atol=1e-6)
   config.eval.stats_path = path
-  reference = eval_samples.load_reference(config, digits_extractor)
+  reference = sample_quality.load_reference(config, digits_extractor)
   assert reference['source'] == path
   mu, sigma = evaluation.feature_stats(digits_features['train'][0])
   np.testing.assert_allclose(reference['mu'], mu, rtol=1e-6)
   np.testing.assert_allclose(reference['sigma'], sigma, rtol=1e-5, atol=1e-8)
   config.data.image_size = 16  # statistics of 8x8 digits do not describe a 16x16 config
   with pytest.raises(ValueError, match='image_size=8'):
-    eval_samples.load_reference(config, digits_extractor)
+    sample_quality.load_reference(config, digits_extractor)
 
 
 def test_missing_stats_for_image_datasets_say_how_to_compute_them(tmp_path):
@@ -399,11 +400,11 @@ def test_missing_stats_for_image_datasets_say_how_to_compute_them(tmp_path):
   config.eval.stats_path = str(tmp_path / 'none.npz')
   extractor = evaluation.FeatureExtractor('inception_v3_fid', lambda x: x, 2048, 1008)
   with pytest.raises(FileNotFoundError, match='--mode=fid_stats'):
-    eval_samples.load_reference(config, extractor)
+    sample_quality.load_reference(config, extractor)
 
 
 def test_toy_data_is_rejected_before_any_work():
   config = default_cifar10_configs.get_default_configs()
   config.data.dataset = 'gmm'
   with pytest.raises(ValueError, match='enable_sampling=False'):
-    eval_samples.evaluate_samples(config, '/nonexistent', 0, None, None, None)
+    sample_quality.evaluate_samples(config, '/nonexistent', 0, None, None, None)

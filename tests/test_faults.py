@@ -34,16 +34,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-import analytic
-import checkpointing
-import datasets
-import eval_likelihood
-import generate
-import likelihood
-import losses
-import run_lib
-import sde_lib
-from models import utils as mutils
+from scoresde import gaussian_mixture
+from scoresde import checkpointing
+from scoresde import datasets
+from scoresde.evaluation import bits_per_dim
+from scoresde import generate
+from scoresde import likelihood
+from scoresde import losses
+from scoresde import run_lib
+from scoresde import sde_lib
+from scoresde.models import utils as mutils
 from orbax.checkpoint._src.path import atomicity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -371,7 +371,7 @@ def test_bits_per_dim_of_non_finite_data_is_refused(tmp_path, monkeypatch):
   sde = sde_lib.get_sde(config)
   with pytest.raises(ValueError, match=re.escape(
       'bits/dim input batch 2 (repeat 0) of the test split has 5 non-finite values (NaN or Inf) among 16')):
-    eval_likelihood.evaluate_bpd(config, str(tmp_path), 3, _Zero(), {'params': {}}, sde, show_progress=False)
+    bits_per_dim.evaluate_bpd(config, str(tmp_path), 3, _Zero(), {'params': {}}, sde, show_progress=False)
   assert len(solved) == 2
 
 
@@ -384,7 +384,7 @@ class _Zero:
 
 def test_likelihood_functions_refuse_non_finite_data_before_compiling():
   sde = sde_lib.VESDE()
-  score = analytic.score_fn(sde, analytic.default_mixture(3))
+  score = gaussian_mixture.score_fn(sde, gaussian_mixture.default_mixture(3))
   settings = dict(num_probes=1, rtol=1e-5, atol=1e-5, eps=1e-5, method='dopri5')
   bpd = likelihood.get_likelihood_fn(sde, lambda y: y, num_levels=17, hutchinson_type='rademacher', **settings)
   with pytest.raises(ValueError, match=r'^the data given to bits/dim has 2 non-finite values \(NaN or Inf\)'):

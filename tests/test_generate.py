@@ -9,11 +9,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-import checkpointing
-import generate
+from scoresde import checkpointing
+from scoresde import generate
 from configs.ve import digits_ncsnpp_continuous
 from configs.ve import toy_gmm
-from models import utils as mutils
+from scoresde.models import utils as mutils
 
 
 class _PixelScore(nn.Module):
@@ -38,7 +38,7 @@ def _fake_checkpoint(monkeypatch, config, model):
 
 
 def _shape(config):
-  import datasets  # pylint: disable=import-outside-toplevel
+  from scoresde import datasets  # pylint: disable=import-outside-toplevel
   return tuple(datasets.data_shape(config))
 
 

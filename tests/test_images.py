@@ -1,10 +1,10 @@
-"""images.py: uint8 conversion, grids and scatter PNGs."""
+"""infra/images.py: uint8 conversion, grids and scatter PNGs."""
 
 import numpy as np
 from PIL import Image
 import pytest
 
-import images
+from scoresde.infra import images
 
 
 def test_to_uint8_rounds_levels_exactly():
@@ -49,7 +49,7 @@ def test_save_scatter_marks_dense_regions(tmp_path):
 
 
 def test_snapshot_samples_are_uint8_images_and_float32_points(tmp_path):
-  import run_lib  # pylint: disable=import-outside-toplevel  (heavy: orbax)
+  from scoresde import run_lib  # pylint: disable=import-outside-toplevel  (heavy: orbax)
   pixels = np.random.default_rng(0).uniform(size=(4, 8, 8, 1))
   run_lib.save_samples(pixels, str(tmp_path / 'images'))
   saved = np.load(tmp_path / 'images' / 'samples.npz')['samples']

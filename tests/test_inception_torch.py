@@ -19,8 +19,8 @@ import pytest
 
 torch = pytest.importorskip('torch', reason='torch is an optional test dependency (requirements-test.txt)')
 
-import torch_pickle  # pylint: disable=wrong-import-position
-from models import inception  # pylint: disable=wrong-import-position
+from scoresde.porting import torch_pickle  # pylint: disable=wrong-import-position
+from scoresde.evaluation import inception  # pylint: disable=wrong-import-position
 
 # pytorch-fid (float32 on CPU) vs ours (float32, XLA CPU): the two differ only by summation order.
 # Measured: max |Δ| 5.3e-6 on pool features of magnitude up to ~10 and 3.1e-6 on logits up to ~3
@@ -136,7 +136,7 @@ def test_torch_pickle_refuses_arbitrary_globals(tmp_path):
 def test_dataset_stats_of_an_image_folder_through_the_inception(tmp_path, nets, monkeypatch):
   # The whole image path: PNG files -> uint8 -> Inception features (our weights file, its SHA-256
   # standing in for the published one) -> stats file; the features equal pytorch-fid's on images / 255.
-  import eval_samples  # pylint: disable=import-outside-toplevel
+  from scoresde.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
   from configs import default_cifar10_configs  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   reference, fc_weight, fc_bias, _ = nets
@@ -150,11 +150,11 @@ def test_dataset_stats_of_an_image_folder_through_the_inception(tmp_path, nets, 
   config = default_cifar10_configs.get_default_configs()
   config.data.update(dataset='folder', path=str(tmp_path), image_size=16, random_flip=False)
   config.eval.update(batch_size=4, inception_path=str(weights), feature_batch_size=4)
-  out = eval_samples.compute_dataset_stats(config, str(tmp_path / 'stats.npz'))
+  out = sample_quality.compute_dataset_stats(config, str(tmp_path / 'stats.npz'))
   with np.load(out) as data:
     pool, logits = data['pool_3'], data['logits']
     assert str(data['feature_network']) == 'inception_v3_fid' and int(data['num_examples']) == 10
-  train = [int(p.stem) for p in eval_samples.datasets.folder_split_files(config, 'train')]
+  train = [int(p.stem) for p in sample_quality.datasets.folder_split_files(config, 'train')]
   with torch.no_grad():
     x = torch.from_numpy(images[train].astype(np.float32) / 255.).permute(0, 3, 1, 2)
     pool_t = reference(x)[0].flatten(1)

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-import datasets
-import eval_likelihood
-import likelihood
-import losses
-import sde_lib
+from scoresde import datasets
+from scoresde.evaluation import bits_per_dim
+from scoresde import likelihood
+from scoresde import losses
+from scoresde import sde_lib
 from configs.ve import cifar10_ncsnpp as ve_discrete
 from configs.vp.ddpm import cifar10 as vp_discrete
-from models import utils as mutils
+from scoresde.models import utils as mutils
 
 NUM_SCALES = 50  # few, so that the discrete VP label t (N-1) is far from the continuous 999 t
 BATCH = 4
@@ -140,7 +140,7 @@ def test_bits_per_dim_uses_the_trained_labels(module, digits_batch, monkeypatch,
     return recorded
 
   monkeypatch.setattr(likelihood, 'get_likelihood_fn', recording_get_likelihood_fn)
-  result = eval_likelihood.evaluate_bpd(config, str(tmp_path), 0, model, variables, sde,
+  result = bits_per_dim.evaluate_bpd(config, str(tmp_path), 0, model, variables, sde,
                                         show_progress=False)
   assert len(used) == 1 and np.isfinite(result['bpd'])
 

@@ -17,12 +17,12 @@ import pytest
 from jax.experimental import io_callback
 from scipy import stats
 
-import analytic
-import datasets
-import eval_likelihood
-import likelihood
-import ode_solvers
-import sde_lib
+from scoresde import gaussian_mixture
+from scoresde import datasets
+from scoresde.evaluation import bits_per_dim
+from scoresde import likelihood
+from scoresde import ode_solvers
+from scoresde import sde_lib
 from configs import default_cifar10_configs
 
 SDES = {
@@ -34,8 +34,8 @@ EPS = 1e-5
 # Correlated, so that the Jacobian of the drift has off-diagonal terms (Rademacher probes see them).
 COV3 = jnp.array([[1.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 0.5]])
 DATA = {
-    'gaussian': analytic.gaussian(jnp.zeros(3), COV3),
-    'mixture': analytic.default_mixture(3),
+    'gaussian': gaussian_mixture.gaussian(jnp.zeros(3), COV3),
+    'mixture': gaussian_mixture.default_mixture(3),
 }
 
 
@@ -74,8 +74,8 @@ def test_exact_divergence_gives_true_log_density(sde_name, data_name):
   sde, data = SDES[sde_name](), DATA[data_name]
   x = data.sample(jax.random.PRNGKey(1), 8)
   fn = log_likelihood_fn(sde, 'exact', rtol=1e-5, atol=1e-5, eps=EPS)
-  logp, z, nfe = fn(jax.random.PRNGKey(0), analytic.score_fn(sde, data), x)
-  true_logp = analytic.log_prob_fn(sde, data)
+  logp, z, nfe = fn(jax.random.PRNGKey(0), gaussian_mixture.score_fn(sde, data), x)
+  true_logp = gaussian_mixture.log_prob_fn(sde, data)
   target = true_logp(x, _eps_times(8))
   flow = logp - sde.prior_logp(z) + true_logp(z, jnp.full((8,), sde.T))
   flow_error = float(jnp.max(jnp.abs(flow - target))) / 3
@@ -97,7 +97,7 @@ def test_nfe_counts_every_evaluation():
     return t
 
   sde, data = SDES['vesde'](), DATA['mixture']
-  score = analytic.score_fn(sde, data)
+  score = gaussian_mixture.score_fn(sde, data)
 
   def counting_score(x, t):
     t = io_callback(count, jax.ShapeDtypeStruct(t.shape, t.dtype), t, ordered=False)
@@ -114,7 +114,7 @@ def test_nfe_counts_every_evaluation():
 def test_hutchinson_is_unbiased_and_variance_falls_with_probes():
   """Mean of many single-probe estimates matches the exact log-density; std shrinks as 1/√probes."""
   sde, data = SDES['vpsde'](), DATA['gaussian']
-  score = analytic.score_fn(sde, data)
+  score = gaussian_mixture.score_fn(sde, data)
   x = jnp.array([[0.7, -0.4, 0.5]])
   exact, z_exact, _ = log_likelihood_fn(sde, 'exact')(jax.random.PRNGKey(0), score, x)
   copies = jnp.repeat(x, 256, axis=0)
@@ -141,7 +141,7 @@ def _gaussian_model(sde, mean_v, std_v, shift, scale):
   distribution and the data-space (mean, variance) of the model density p_eps."""
   mean_y = (mean_v - shift) / scale
   var_y = (std_v / scale)**2
-  data = analytic.gaussian(jnp.full((3,), mean_y), var_y * jnp.eye(3))
+  data = gaussian_mixture.gaussian(jnp.full((3,), mean_y), var_y * jnp.eye(3))
   a, s = sde.marginal_coeffs(jnp.full((1,), EPS))
   mean_eps = float(a[0]) * mean_y * scale + shift
   var_eps = (float(a[0])**2 * var_y + float(s[0])**2) * scale**2
@@ -175,8 +175,8 @@ def test_bits_per_dim_of_known_discrete_distribution(centered, num_levels):
   levels = jnp.asarray(levels.astype(np.int32))
   fn = likelihood_fn(sde, inverse_scaler, num_levels=num_levels)
   key = jax.random.PRNGKey(0)
-  bpd, z, _ = fn(key, analytic.score_fn(sde, data), levels)
-  prior_fix = analytic.log_prob_fn(sde, data)(z, jnp.full((256,), sde.T)) - sde.prior_logp(z)
+  bpd, z, _ = fn(key, gaussian_mixture.score_fn(sde, data), levels)
+  prior_fix = gaussian_mixture.log_prob_fn(sde, data)(z, jnp.full((256,), sde.T)) - sde.prior_logp(z)
   bpd_true_prior = np.asarray(bpd - prior_fix / (3 * np.log(2)), np.float64)
   v = np.asarray(likelihood.dequantize(key, levels, num_levels), np.float64)
   pointwise = np.max(np.abs(bpd_true_prior - _gaussian_bits(v, mean_v, var_v, num_levels)))
@@ -204,7 +204,7 @@ def test_bits_per_dim_of_known_discrete_distribution(centered, num_levels):
 def test_bits_per_dim_refuses_undequantizable_input():
   sde = SDES['vesde']()
   fn = likelihood_fn(sde, lambda y: y, num_levels=17)
-  score = analytic.score_fn(sde, DATA['gaussian'])
+  score = gaussian_mixture.score_fn(sde, DATA['gaussian'])
   with pytest.raises(TypeError, match='integer data levels'):
     fn(jax.random.PRNGKey(0), score, jnp.full((2, 3), 0.5))
   with pytest.raises(ValueError, match=r'\[0, 16\]'):
@@ -223,7 +223,7 @@ def test_encode_decode_round_trip():
   """z from the likelihood function, decoded by sampling.get_ode_sampler(z=...), gives back x."""
   sampling = pytest.importorskip('sampling')
   sde, data = SDES['vpsde'](), DATA['mixture']
-  score = analytic.score_fn(sde, data)
+  score = gaussian_mixture.score_fn(sde, data)
   x = data.sample(jax.random.PRNGKey(5), 4)
   fn = log_likelihood_fn(sde, 'rademacher', rtol=1e-6, atol=1e-6, eps=EPS)
   _, z, _ = fn(jax.random.PRNGKey(0), score, x)
@@ -300,7 +300,7 @@ def test_evaluation_resumes_across_repeats_and_keeps_last_batch(fake_data, tmp_p
   model = _ExactGaussianScore()
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE), jnp.ones((1,)))
 
-  full = eval_likelihood.evaluate_bpd(config, str(tmp_path / 'full'), 3, model, variables, sde,
+  full = bits_per_dim.evaluate_bpd(config, str(tmp_path / 'full'), 3, model, variables, sde,
                                       show_progress=False)
   assert full['num_examples'] == NUM_EXAMPLES  # the padded last batch counts its 2 real examples
   assert len(full['bpd_per_repeat']) == 2 and full['bpd_per_repeat'][0] != full['bpd_per_repeat'][1]
@@ -308,12 +308,12 @@ def test_evaluation_resumes_across_repeats_and_keeps_last_batch(fake_data, tmp_p
   # Preempted in the second repeat, after its first batch (4 of 6 batches done), then resumed.
   state['served'], state['fail_after'] = 0, 4
   with pytest.raises(_Preempted):
-    eval_likelihood.evaluate_bpd(config, str(tmp_path / 'cut'), 3, model, variables, sde,
+    bits_per_dim.evaluate_bpd(config, str(tmp_path / 'cut'), 3, model, variables, sde,
                                  show_progress=False)
   saved = sorted(os.listdir(tmp_path / 'cut' / 'bpd_test_ckpt_3'))
   assert saved == ['r0_b0.npz', 'r0_b1.npz', 'r0_b2.npz', 'r1_b0.npz', 'settings.json']
   state['fail_after'] = None
-  resumed = eval_likelihood.evaluate_bpd(config, str(tmp_path / 'cut'), 3, model, variables, sde,
+  resumed = bits_per_dim.evaluate_bpd(config, str(tmp_path / 'cut'), 3, model, variables, sde,
                                          show_progress=False)
   for key in ('bpd', 'bpd_stderr', 'bpd_per_repeat', 'nfe_mean', 'num_examples'):
     assert resumed[key] == full[key], key
@@ -335,7 +335,7 @@ def test_evaluation_resumes_across_repeats_and_keeps_last_batch(fake_data, tmp_p
   # A run with other settings refuses to mix its batches with these.
   config.eval.num_probes = 2
   with pytest.raises(ValueError, match='num_probes'):
-    eval_likelihood.evaluate_bpd(config, str(tmp_path / 'cut'), 3, model, variables, sde,
+    bits_per_dim.evaluate_bpd(config, str(tmp_path / 'cut'), 3, model, variables, sde,
                                  show_progress=False)
 
 
@@ -347,14 +347,17 @@ _SHARDED = textwrap.dedent('''
     import json, os
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
     import jax, jax.numpy as jnp
-    import analytic, likelihood, parallel, sde_lib
+    from scoresde import gaussian_mixture
+    from scoresde import likelihood
+    from scoresde.infra import parallel
+    from scoresde import sde_lib
     sde = sde_lib.subVPSDE()
-    data = analytic.default_mixture(3)
+    data = gaussian_mixture.default_mixture(3)
     x = data.sample(jax.random.PRNGKey(1), 8)
     x = jax.device_put(x, parallel.batch_sharding(parallel.data_mesh(), 2))
     fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=2, rtol=1e-5, atol=1e-5, eps=1e-5,
                                           method='dopri5')
-    logp, z, nfe = fn(jax.random.PRNGKey(0), analytic.score_fn(sde, data), x)
+    logp, z, nfe = fn(jax.random.PRNGKey(0), gaussian_mixture.score_fn(sde, data), x)
     print(json.dumps({'devices': jax.device_count(), 'logp': logp.tolist(), 'nfe': nfe.tolist(),
                       'shards': len(logp.sharding.device_set)}))
 ''')
@@ -369,9 +372,9 @@ def test_sharded_over_four_devices_matches_one():
   sharded = json.loads(out.stdout.strip().splitlines()[-1])
   assert sharded['devices'] == 4 and sharded['shards'] == 4
   sde = sde_lib.subVPSDE()
-  data = analytic.default_mixture(3)
+  data = gaussian_mixture.default_mixture(3)
   fn = log_likelihood_fn(sde, 'rademacher', num_probes=2)
-  logp, _, nfe = fn(jax.random.PRNGKey(0), analytic.score_fn(sde, data),
+  logp, _, nfe = fn(jax.random.PRNGKey(0), gaussian_mixture.score_fn(sde, data),
                     data.sample(jax.random.PRNGKey(1), 8))
   np.testing.assert_allclose(sharded['logp'], logp, rtol=1e-5, atol=1e-4)
   np.testing.assert_array_equal(sharded['nfe'], nfe)

@@ -9,7 +9,7 @@ score s*(x) = −C⁻¹(x − aμ). Gaussian integration by parts gives, per noi
 and adding a constant c to the score raises the λ(t)-weighted objective by E[λ]‖c‖² (DSM) or
 ½E[λ]‖c‖² (SSM), because E[s*(x_t)] = 0 and E[σ s* + z] = 0. The t-average is done by Gauss-Legendre
 quadrature in float64; Monte-Carlo estimates (2¹⁶ draws) must agree within 4 standard errors.
-The exact score is evaluated in closed form via the eigenbasis of Σ (checked against analytic.py first),
+The exact score is evaluated in closed form via the eigenbasis of Σ (checked against gaussian_mixture.py first),
 so that the Monte-Carlo runs stay cheap.
 """
 
@@ -20,9 +20,9 @@ import numpy as np
 import optax
 import pytest
 
-import analytic
-import losses
-import sde_lib
+from scoresde import gaussian_mixture
+from scoresde import losses
+from scoresde import sde_lib
 
 N_MC = 2**16
 MEAN = np.array([0.5, -1.0, 2.0])
@@ -30,7 +30,7 @@ COV = np.array([[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 2.0]])
 EIG, EIGVEC = np.linalg.eigh(COV)
 D = 3
 SHIFT = np.array([0.2, -0.1, 0.3], np.float32)
-DATA = analytic.gaussian(MEAN, COV)
+DATA = gaussian_mixture.gaussian(MEAN, COV)
 SDES = {'vesde': sde_lib.VESDE(0.01, 50., 1000), 'vpsde': sde_lib.VPSDE(0.1, 20., 1000),
         'subvpsde': sde_lib.subVPSDE(0.1, 20., 1000)}
 
@@ -51,7 +51,7 @@ def test_closed_form_score_matches_analytic(sde_name):
   sde = SDES[sde_name]
   x = jax.random.normal(jax.random.PRNGKey(5), (64, D)) * 3
   t = jax.random.uniform(jax.random.PRNGKey(6), (64,), minval=1e-3)
-  np.testing.assert_allclose(_exact_score_fn(sde)(x, t), analytic.score_fn(sde, DATA)(x, t),
+  np.testing.assert_allclose(_exact_score_fn(sde)(x, t), gaussian_mixture.score_fn(sde, DATA)(x, t),
                              rtol=1e-4, atol=1e-4)
 
 

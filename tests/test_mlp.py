@@ -1,18 +1,18 @@
 """The toy MLP score network: conventions (labels, σ-scaling, frozen Fourier features), and that training
-it with run_lib.train on the 2-D Gaussian mixture learns the exact marginal score (analytic.py)."""
+it with run_lib.train on the 2-D Gaussian mixture learns the exact marginal score (gaussian_mixture.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import analytic
-import datasets
-import run_lib
-import sde_lib
+from scoresde import gaussian_mixture
+from scoresde import datasets
+from scoresde import run_lib
+from scoresde import sde_lib
 from configs.ve import toy_gmm as ve_toy
 from configs.vp import toy_gmm as vp_toy
-from models import utils as mutils
+from scoresde.models import utils as mutils
 
 
 def _randomise_output_layer(variables, rng):
@@ -81,10 +81,10 @@ def test_training_learns_the_exact_score(tmp_path):
   model = mutils.create_model(config)
   score = mutils.get_score_fn(sde, model, {'params': state.params_ema}, continuous=True)
   mixture = datasets.toy_mixture(2)
-  exact = analytic.score_fn(sde, mixture)
+  exact = gaussian_mixture.score_fn(sde, mixture)
   errors = {}
   for i, t in enumerate((0.1, 0.3, 0.6)):
-    x = analytic.marginal(sde, mixture, t).sample(jax.random.PRNGKey(i), 4096)
+    x = gaussian_mixture.marginal(sde, mixture, t).sample(jax.random.PRNGKey(i), 4096)
     tt = jnp.full((x.shape[0],), t)
     s_true = exact(x, tt)
     errors[t] = float(jnp.mean(jnp.sum((score(x, tt) - s_true)**2, -1)) / jnp.mean(jnp.sum(s_true**2, -1)))

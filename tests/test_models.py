@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from scipy import signal
 
-import datasets
+from scoresde import datasets
 from configs import default_cifar10_configs
-from models import layers
-from models import ncsnpp
-from models import normalization
-from models import up_or_down_sampling as updown
-from models import utils
+from scoresde.models import layers
+from scoresde.models import ncsnpp
+from scoresde.models import normalization
+from scoresde.models import up_or_down_sampling as updown
+from scoresde.models import utils
 
 # ----------------------------------------------------------------------------------------------------
 # FIR up/down-sampling: compared with a direct implementation (zero insertion, padding, scipy's true

@@ -23,7 +23,7 @@ if num_processes > 1:
                              process_id=process_id)
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import parallel
+from scoresde.infra import parallel
 
 assert jax.device_count() == 4 and jax.process_count() == num_processes
 value = np.arange(24, dtype=np.float32).reshape(8, 3)

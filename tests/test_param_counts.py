@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import datasets
-from models import utils
+from scoresde import datasets
+from scoresde.models import utils
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 CONFIG_DIR = os.path.join(ROOT, 'configs')

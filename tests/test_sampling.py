@@ -29,16 +29,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import analytic
-import ode_solvers
-import sampling
-import sde_lib
+from scoresde import gaussian_mixture
+from scoresde import ode_solvers
+from scoresde import sampling
+from scoresde import sde_lib
 from configs import default_cifar10_configs
-from models import utils as mutils
+from scoresde.models import utils as mutils
 
 Z_TOL = 5.
 N_SAMPLES = 10_000
-MIXTURE = analytic.default_mixture(2)
+MIXTURE = gaussian_mixture.default_mixture(2)
 STD = 0.5  # component std of default_mixture
 EPS = {'vesde': 1e-5, 'vpsde': 1e-3, 'subvpsde': 1e-3}  # the reference's sampling eps per SDE
 SAMPLING = default_cifar10_configs.get_default_configs().sampling
@@ -67,7 +67,7 @@ def make_sde(name: str, n: int) -> sde_lib.SDE:
           'subvpsde': lambda: sde_lib.subVPSDE(0.1, 20., n)}[name]()
 
 
-def mixture_z_scores(samples, data: analytic.GaussianMixture, std: float) -> dict[str, float]:
+def mixture_z_scores(samples, data: gaussian_mixture.GaussianMixture, std: float) -> dict[str, float]:
   """Largest |statistic - truth| / SE per statistic family, and the outlier fraction."""
   x = np.asarray(samples, np.float64).reshape(len(samples), -1)
   assert np.all(np.isfinite(x)), 'non-finite samples'
@@ -98,15 +98,15 @@ def assert_matches_mixture(samples, data=MIXTURE, std=STD):
 
 
 def test_fast_isotropic_score_is_analytic_score():
-  """The solve-free isotropic score equals analytic.score_fn (to float32 rounding)."""
+  """The solve-free isotropic score equals gaussian_mixture.score_fn (to float32 rounding)."""
   x = 3. * jax.random.normal(jax.random.PRNGKey(0), (64, 2))
   t = jax.random.uniform(jax.random.PRNGKey(1), (64,), minval=1e-5, maxval=1.)
   for name in EPS:
     sde = make_sde(name, 10)
-    np.testing.assert_allclose(analytic.isotropic_score_fn(sde, MIXTURE)(x, t),
-                               analytic.score_fn(sde, MIXTURE)(x, t), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gaussian_mixture.isotropic_score_fn(sde, MIXTURE)(x, t),
+                               gaussian_mixture.score_fn(sde, MIXTURE)(x, t), rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match='non-isotropic'):
-    analytic.isotropic_score_fn(sde, analytic.gaussian([0., 0.], [[1., .5], [.5, 1.]]))
+    gaussian_mixture.isotropic_score_fn(sde, gaussian_mixture.gaussian([0., 0.], [[1., .5], [.5, 1.]]))
 
 
 # (sde, predictor, corrector): the full matrix of predictors with and without each corrector. The
@@ -136,7 +136,7 @@ def test_pc_sampler_matches_mixture(sde_name, predictor, corrector):
   """N = 250 steps, snr 0.16, one corrector step, denoised; 10,000 samples."""
   sde = make_sde(sde_name, 250)
   sampler = pc_sampler(sde, (N_SAMPLES, 2), predictor, corrector, eps=EPS[sde_name])
-  samples, nfe = sampler(jax.random.PRNGKey(0), analytic.isotropic_score_fn(sde, MIXTURE))
+  samples, nfe = sampler(jax.random.PRNGKey(0), gaussian_mixture.isotropic_score_fn(sde, MIXTURE))
   assert nfe == 250 * (1 + (corrector != 'none'))
   assert_matches_mixture(samples)
 
@@ -155,7 +155,7 @@ def test_corrector_only_sampling_matches_mixture(sde_name, corrector):
   """
   sde = make_sde(sde_name, 100)
   sampler = pc_sampler(sde, (N_SAMPLES, 2), 'none', corrector, n_steps=30, eps=EPS[sde_name])
-  samples, nfe = sampler(jax.random.PRNGKey(0), analytic.isotropic_score_fn(sde, MIXTURE))
+  samples, nfe = sampler(jax.random.PRNGKey(0), gaussian_mixture.isotropic_score_fn(sde, MIXTURE))
   assert nfe == 100 * 30
   assert_matches_mixture(samples)
 
@@ -166,7 +166,7 @@ def test_ode_sampler_matches_mixture(sde_name):
   NFE)."""
   sde = make_sde(sde_name, 1000)
   sampler = ode_sampler(sde, (N_SAMPLES, 2), eps=EPS[sde_name])
-  samples, nfe = sampler(jax.random.PRNGKey(0), analytic.isotropic_score_fn(sde, MIXTURE))
+  samples, nfe = sampler(jax.random.PRNGKey(0), gaussian_mixture.isotropic_score_fn(sde, MIXTURE))
   assert 20 < nfe < 1000
   assert_matches_mixture(samples)
 
@@ -179,11 +179,11 @@ def test_ode_sampler_is_the_exact_gaussian_flow(sde_name):
   2.1e-4 sub-VP)."""
   sde = make_sde(sde_name, 1000)
   mean, lam = jnp.array([1., -2., 0.5]), jnp.array([0.25, 1., 4.])
-  data = analytic.gaussian(mean, jnp.diag(lam))
+  data = gaussian_mixture.gaussian(mean, jnp.diag(lam))
   eps = EPS[sde_name]
   z = sde.prior_sampling(jax.random.PRNGKey(3), (8, 3))
   sampler = ode_sampler(sde, (8, 3), eps=eps)
-  x, _ = sampler(jax.random.PRNGKey(0), analytic.score_fn(sde, data), z=z)
+  x, _ = sampler(jax.random.PRNGKey(0), gaussian_mixture.score_fn(sde, data), z=z)
   (a_0,), (s_0,) = sde.marginal_coeffs(jnp.array([eps]))
   (a_1,), (s_1,) = sde.marginal_coeffs(jnp.array([sde.T]))
   v_0, v_1 = a_0**2 * lam + s_0**2, a_1**2 * lam + s_1**2
@@ -194,9 +194,9 @@ def test_ode_sampler_is_the_exact_gaussian_flow(sde_name):
 def test_ode_decodes_likelihood_latents():
   """Encoding data with the likelihood's ODE (eps → T) and decoding the latent with the ODE sampler
   (T → eps) returns the data: ≤ 1e-3 at rtol = atol = 1e-5 (mixture data, VP; achieved 7.5e-5)."""
-  import likelihood  # pylint: disable=import-outside-toplevel  (the likelihood helper's module)
+  from scoresde import likelihood  # pylint: disable=import-outside-toplevel  (the likelihood helper's module)
   sde = make_sde('vpsde', 1000)
-  score = analytic.score_fn(sde, MIXTURE)
+  score = gaussian_mixture.score_fn(sde, MIXTURE)
   x = MIXTURE.sample(jax.random.PRNGKey(5), 8)
   encode = likelihood.get_log_likelihood_fn(sde, 'exact', num_probes=1, rtol=1e-5, atol=1e-5, eps=1e-3,
                                             method='dopri5')
@@ -211,12 +211,12 @@ def test_image_shaped_mixture(method):
   N = 250; ODE: Dopri5), 4,000 samples: every pixel's mean and variance per mode within 5 SE (achieved
   max |z| 2.8 PC, 3.0 ODE). Off-diagonal covariances are not checked here: 360 of them make a max of
   ~4 SE likely under exact sampling."""
-  data = analytic.default_mixture(16)
+  data = gaussian_mixture.default_mixture(16)
   sde = make_sde('vesde', 250)
   config = default_cifar10_configs.get_default_configs()
   config.sampling.method = method
   sampler = sampling.get_sampling_fn(config, sde, (4000, 4, 4, 1), None, eps=EPS['vesde'])
-  samples, _ = sampler(jax.random.PRNGKey(0), analytic.isotropic_score_fn(sde, data))
+  samples, _ = sampler(jax.random.PRNGKey(0), gaussian_mixture.isotropic_score_fn(sde, data))
   assert samples.shape == (4000, 4, 4, 1)
   z = mixture_z_scores(samples, data, STD)
   assert z['outliers'] < 1e-3, z
@@ -231,7 +231,7 @@ class _CountingScore:
   """An analytic score that counts its evaluations on the host (jax.debug.callback per call)."""
 
   def __init__(self, sde, data):
-    self.score = analytic.score_fn(sde, data)
+    self.score = gaussian_mixture.score_fn(sde, data)
     self.calls = 0
 
   def _count(self):
@@ -271,7 +271,7 @@ def test_ode_nfe_is_exact(method, denoise):
 def _small_samplers(batch):
   """Per-sample-reproducible samplers (and the batch-coupled default) on a 2-D mixture."""
   sde = make_sde('vesde', 20)
-  score = analytic.score_fn(sde, MIXTURE)
+  score = gaussian_mixture.score_fn(sde, MIXTURE)
   shape = (batch, 2)
   return score, {
       'rd_langevin_per_sample': pc_sampler(sde, shape, 'reverse_diffusion', 'langevin',
@@ -378,7 +378,7 @@ def test_get_sampling_fn_reads_config():
   config.sampling.predictor, config.sampling.corrector = 'euler_maruyama', 'ald'
   config.sampling.n_steps_each = 2
   sampler = sampling.get_sampling_fn(config, sde, (4, 2), lambda x: x + 100., eps=1e-5)
-  x, nfe = sampler(jax.random.PRNGKey(0), analytic.score_fn(sde, MIXTURE))
+  x, nfe = sampler(jax.random.PRNGKey(0), gaussian_mixture.score_fn(sde, MIXTURE))
   assert nfe == 30 and float(jnp.min(x)) > 80.  # inverse scaler applied
   config.sampling.method = 'sde'
   with pytest.raises(ValueError, match=r"config.sampling.method='sde'.*'pc' or 'ode'"):
@@ -405,7 +405,7 @@ def test_bad_arguments_fail_clearly():
     pc_sampler(sde, (2,), 'none', 'langevin')
   sampler = ode_sampler(sde, (4, 2))
   with pytest.raises(ValueError, match=r'z has shape \(3, 2\)'):
-    sampler(jax.random.PRNGKey(0), analytic.score_fn(sde, MIXTURE), z=jnp.zeros((3, 2)))
+    sampler(jax.random.PRNGKey(0), gaussian_mixture.score_fn(sde, MIXTURE), z=jnp.zeros((3, 2)))
 
 
 def test_custom_predictor_extension_point():
@@ -424,6 +424,6 @@ def test_custom_predictor_extension_point():
 
   sde = make_sde('vpsde', 20)
   sampler = pc_sampler(sde, (4, 2), 'test_half_step_euler', 'none')
-  x, nfe = sampler(jax.random.PRNGKey(0), analytic.score_fn(sde, MIXTURE))
+  x, nfe = sampler(jax.random.PRNGKey(0), gaussian_mixture.score_fn(sde, MIXTURE))
   assert nfe == 40 and np.all(np.isfinite(x))
   assert sampling.get_predictor('TEST_HALF_STEP_EULER') is HalfStep  # config names are case-blind

@@ -1,12 +1,12 @@
-"""SDEs against exact references: Gaussian-mixture marginals (analytic.py) and Monte Carlo of discretize."""
+"""SDEs against exact references: Gaussian-mixture marginals (gaussian_mixture.py) and Monte Carlo of discretize."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import analytic
-import sde_lib
+from scoresde import gaussian_mixture
+from scoresde import sde_lib
 
 SDES = {
     'vesde': lambda N=1000: sde_lib.VESDE(0.01, 50., N),
@@ -20,12 +20,12 @@ TIMES = (0.02, 0.1, 0.3, 0.6, 0.95)
 def data():
   # Anisotropic, correlated components so the check is not blind to covariance handling.
   covs = jnp.array([[[0.30, 0.10], [0.10, 0.20]], [[0.50, -0.20], [-0.20, 0.40]]])
-  return analytic.GaussianMixture(jnp.array([0.6, 0.4]), jnp.array([[1.5, 0.5], [-1.0, -1.0]]), covs)
+  return gaussian_mixture.GaussianMixture(jnp.array([0.6, 0.4]), jnp.array([[1.5, 0.5], [-1.0, -1.0]]), covs)
 
 
 def _time_derivative_residual(sde, data, velocity_terms):
   """max |∂_t log p - rhs| / max(1, |∂_t log p|) over points and times, for rhs from the SDE."""
-  logp = analytic.log_prob_fn(sde, data)
+  logp = gaussian_mixture.log_prob_fn(sde, data)
   x = jax.random.normal(jax.random.PRNGKey(0), (16, 2)) * 1.5
   errors = []
   for t0 in TIMES:
@@ -137,10 +137,10 @@ def test_prior_sampling_and_logp(name):
 
 def test_prior_matches_marginal_at_T():
   # The prior is the marginal of far-away data at T up to the documented approximations.
-  data = analytic.gaussian(jnp.zeros(2), 0.25 * jnp.eye(2))
+  data = gaussian_mixture.gaussian(jnp.zeros(2), 0.25 * jnp.eye(2))
   for name, tol in (('vpsde', 1e-4), ('subvpsde', 1e-4), ('vesde', 1e-4)):
     sde = SDES[name]()
-    p_T = analytic.marginal(sde, data, sde.T)
+    p_T = gaussian_mixture.marginal(sde, data, sde.T)
     z = sde.prior_sampling(jax.random.PRNGKey(4), (8, 2))
     np.testing.assert_allclose(p_T.log_prob(z), sde.prior_logp(z), rtol=tol)
 

@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 
-import torch_pickle
+from scoresde.porting import torch_pickle
 
 _MAGIC = 0x1950a86a20f9469cfc6c
 _SYS_INFO = {'protocol_version': 1001, 'little_endian': True, 'type_sizes': {'short': 2, 'int': 4, 'long': 4}}

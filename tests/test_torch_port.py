@@ -18,10 +18,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-import sde_lib
-import torch_pickle
-from models import torch_port
-from models import utils
+from scoresde import sde_lib
+from scoresde.porting import torch_pickle
+from scoresde.porting import torch_port
+from scoresde.models import utils
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'data', 'score_sde_pytorch')
 CASES = ('ncsnpp_ve_fourier', 'ddpmpp_vp_continuous', 'ddpm_vp_discrete')
@@ -91,7 +91,7 @@ def test_unsupported_model_is_a_clear_error():
 
 def test_checkpointing_imports_pth_files_through_the_port():
   """`--checkpoint=path.pth` (checkpointing.load_variables) gives the port's EMA variables, step None."""
-  import checkpointing  # pylint: disable=import-outside-toplevel
+  from scoresde import checkpointing  # pylint: disable=import-outside-toplevel
   _, config, path = _load_case('ddpm_vp_discrete')
   variables, step = checkpointing.load_variables(config, checkpoint=path)
   expected = torch_port.load_score_sde_pytorch(path, config, ema=True)

@@ -25,9 +25,9 @@ import jax
 import numpy as np
 import pytest
 
-import checkpointing
-import datasets
-import run_lib
+from scoresde import checkpointing
+from scoresde import datasets
+from scoresde import run_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / 'tests' / 'training_worker.py'

@@ -57,8 +57,8 @@ def _die():
 
 def install_fault_hooks(environ) -> None:
   """Arms the ``WORKER_KILL_AT_STEP`` / ``WORKER_KILL_IN_SAVE`` faults described in the module docstring."""
-  import checkpointing  # pylint: disable=import-outside-toplevel
-  import datasets  # pylint: disable=import-outside-toplevel
+  from scoresde import checkpointing  # pylint: disable=import-outside-toplevel
+  from scoresde import datasets  # pylint: disable=import-outside-toplevel
   if 'WORKER_KILL_AT_STEP' in environ:
     kill_at, real_iterator = int(environ['WORKER_KILL_AT_STEP']), datasets.get_train_iterator
 
@@ -109,8 +109,8 @@ def main():
   if args.num_processes > 1:
     jax.distributed.initialize(coordinator_address=f'127.0.0.1:{args.port}',
                                num_processes=args.num_processes, process_id=args.process_id)
-  import parallel  # pylint: disable=import-outside-toplevel
-  import run_lib  # pylint: disable=import-outside-toplevel
+  from scoresde.infra import parallel  # pylint: disable=import-outside-toplevel
+  from scoresde import run_lib  # pylint: disable=import-outside-toplevel
 
   install_fault_hooks(os.environ)
   config = tiny_toy_config(json.loads(args.overrides))

@@ -30,12 +30,12 @@ import jax
 import numpy as np
 import tqdm
 
-import datasets
-import likelihood
-import parallel
-import resumable
-import sde_lib
-from models import utils as mutils
+from scoresde import datasets
+from scoresde import likelihood
+from scoresde.infra import parallel
+from scoresde.infra import resumable
+from scoresde import sde_lib
+from scoresde.models import utils as mutils
 
 
 def bpd_settings(config) -> dict[str, Any]:

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-import torch_pickle
-from models import utils
+from scoresde.porting import torch_pickle
+from scoresde.models import utils
 
 Variables = Any
 # One module's converted leaves: path relative to the module ('Conv_0', 'kernel') -> array in Flax layout.

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from models import layers
-from models import normalization
-from models import utils
+from scoresde.models import layers
+from scoresde.models import normalization
+from scoresde.models import utils
 
 Array = jax.Array
 

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers
-from models import layerspp
-from models import utils as mutils
+from scoresde.models import layers
+from scoresde.models import layerspp
+from scoresde.models import utils as mutils
 
 Array = jax.Array
 

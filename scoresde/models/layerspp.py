@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers
-from models import up_or_down_sampling as updown
+from scoresde.models import layers
+from scoresde.models import up_or_down_sampling as updown
 
 Array = jax.Array
 conv1x1 = layers.ddpm_conv1x1

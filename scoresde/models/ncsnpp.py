@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from models import layers
-from models import layerspp
-from models import utils
+from scoresde.models import layers
+from scoresde.models import layerspp
+from scoresde.models import utils
 
 Array = jax.Array
 

@@ -17,11 +17,11 @@ import jax
 import numpy as np
 import tqdm
 
-import datasets
-import images
-import parallel
-import sampling
-import sde_lib
+from scoresde import datasets
+from scoresde.infra import images
+from scoresde.infra import parallel
+from scoresde import sampling
+from scoresde import sde_lib
 
 
 def generate(config, workdir: str, checkpoint: str | int | None = None, out_dir: str | None = None,
@@ -42,8 +42,8 @@ def generate(config, workdir: str, checkpoint: str | int | None = None, out_dir:
   Returns:
     ``out_dir``.
   """
-  import checkpointing  # pylint: disable=import-outside-toplevel  (orbax is only needed here)
-  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  from scoresde import checkpointing  # pylint: disable=import-outside-toplevel  (orbax is only needed here)
+  from scoresde.models import utils as mutils  # pylint: disable=import-outside-toplevel
 
   num_samples = int(config.eval.num_samples if num_samples is None else num_samples)
   batch_size = int(config.eval.batch_size if batch_size is None else batch_size)

@@ -2,7 +2,7 @@
 
 Sub-module names (``Conv_0``, ``Dense_0``, ``GroupNorm_0``, ``NIN_0``, ...) are Flax's automatic names and
 coincide with the attribute names of the reference's PyTorch port, which is what lets
-``models.torch_port`` map released checkpoints onto these modules.
+``porting.torch_port`` map released checkpoints onto these modules.
 
 DDPM blocks follow Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", arXiv:2006.11239, App. B);
 the RefineNet blocks of NCSN/NCSNv2 follow Song & Ermon 2019/2020 (arXiv:1907.05600, 2006.09011) and

@@ -10,7 +10,7 @@ every checkpoint is sampled from the same latents. Each round's uint8 samples an
 as it finishes and reused when found, so a preempted evaluation resumes at the first missing round.
 
 Features: the FID Inception-v3 (pytorch-fid's port of TF's 2015-12-05 graph) for image datasets; the
-committed digits classifier for ``digits`` ("digits FID/IS/KID", see ``models.digits_classifier``).
+committed digits classifier for ``digits`` ("digits FID/IS/KID", see ``evaluation.digits_classifier``).
 Reference statistics: a file from ``--mode=fid_stats`` (train split, uint8 images, no dequantization:
 what the reference's published CIFAR-10 statistics used); for digits without such a file, the test
 split, computed on the fly (300 held-out images, so that train-vs-test is a meaningful control).
@@ -34,14 +34,14 @@ import jax
 import numpy as np
 import tqdm
 
-import datasets
-import evaluation
-import images
-import parallel
-import resumable
-import sampling
-import sde_lib
-from models import utils as mutils
+from scoresde import datasets
+from scoresde.evaluation import metrics
+from scoresde.infra import images
+from scoresde.infra import parallel
+from scoresde.infra import resumable
+from scoresde import sampling
+from scoresde import sde_lib
+from scoresde.models import utils as mutils
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 GRID_SIZE = 64
@@ -72,10 +72,10 @@ def _check_config(config) -> None:
   parallel.check_batch_size(int(config.eval.batch_size), 'config.eval.batch_size')
 
 
-def _local_features(extractor: evaluation.FeatureExtractor, images: np.ndarray,
+def _local_features(extractor: metrics.FeatureExtractor, images: np.ndarray,
                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Features of this process's rows, gathered over processes (all processes hold all rows after)."""
-  features, logits = evaluation.compute_features(extractor, images, batch_size)
+  features, logits = metrics.compute_features(extractor, images, batch_size)
   return parallel.gather(features), parallel.gather(logits)
 
 
@@ -83,7 +83,7 @@ def _local_features(extractor: evaluation.FeatureExtractor, images: np.ndarray,
 # Dataset statistics.
 
 
-def dataset_features(config, split: str, extractor: evaluation.FeatureExtractor,
+def dataset_features(config, split: str, extractor: metrics.FeatureExtractor,
                      show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Features and logits of every example of ``split`` as uint8 images (no dequantization, no flips)."""
   batch_size = _feature_batch_size(config)
@@ -108,10 +108,10 @@ def compute_dataset_stats(config, out_path: str = '', split: str = 'train') -> s
   """
   _check_config(config)
   out_path = out_path or stats_path(config)
-  extractor = evaluation.get_feature_extractor(config)
+  extractor = metrics.get_feature_extractor(config)
   started = time.time()
   features, logits = dataset_features(config, split, extractor)
-  mu, sigma = evaluation.feature_stats(features)
+  mu, sigma = metrics.feature_stats(features)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     resumable.atomic_write(out_path, lambda f: np.savez(
@@ -123,7 +123,7 @@ def compute_dataset_stats(config, out_path: str = '', split: str = 'train') -> s
   return out_path
 
 
-def load_reference(config, extractor: evaluation.FeatureExtractor) -> dict[str, Any]:
+def load_reference(config, extractor: metrics.FeatureExtractor) -> dict[str, Any]:
   """``mu``, ``sigma``, ``features`` (or None) and ``source`` of the statistics samples are compared to.
 
   Accepts our files (``compute_dataset_stats``), the reference's (``pool_3`` only) and pytorch-fid's
@@ -144,7 +144,7 @@ def load_reference(config, extractor: evaluation.FeatureExtractor) -> dict[str, 
       if 'mu' in data:
         mu, sigma = data['mu'], data['sigma']
       elif features is not None:
-        mu, sigma = evaluation.feature_stats(features)
+        mu, sigma = metrics.feature_stats(features)
       else:
         raise ValueError(f'{path} has neither mu/sigma nor pool_3 features.')
     if mu.shape != (extractor.feature_dim,):
@@ -153,7 +153,7 @@ def load_reference(config, extractor: evaluation.FeatureExtractor) -> dict[str, 
     return {'mu': mu, 'sigma': sigma, 'features': features, 'source': path}
   if datasets.dataset_name(config) == 'digits':
     features, _ = dataset_features(config, 'test', extractor, show_progress=False)
-    mu, sigma = evaluation.feature_stats(features)
+    mu, sigma = metrics.feature_stats(features)
     return {'mu': mu, 'sigma': sigma, 'features': features, 'source': 'digits test split (on the fly)'}
   raise FileNotFoundError(
       f'no dataset statistics at {path}: compute them once with `python main.py --mode=fid_stats '
@@ -209,7 +209,7 @@ def evaluate_samples(config, eval_dir: str, ckpt: int | str, model: nn.Module, v
   ``num_samples``; ``feature_network``; ``reference``; ``seconds``; and the settings.
   """
   _check_config(config)
-  extractor = evaluation.get_feature_extractor(config)
+  extractor = metrics.get_feature_extractor(config)
   reference = load_reference(config, extractor)
   settings = sample_settings(config, extractor.name)
   run_dir = os.path.join(eval_dir, f'samples_ckpt_{ckpt}')
@@ -269,11 +269,11 @@ def evaluate_samples(config, eval_dir: str, ckpt: int | str, model: nn.Module, v
   features, logits = np.concatenate(features), np.concatenate(logits)
   if len(features) != num_samples:
     raise RuntimeError(f'{len(features)} samples were scored, expected {num_samples}.')
-  metrics = evaluation.quality_metrics(features, logits, reference['mu'], reference['sigma'],
-                                       reference['features'])
+  quality = metrics.quality_metrics(features, logits, reference['mu'], reference['sigma'],
+                                    reference['features'])
   result = {
       'ckpt': ckpt if isinstance(ckpt, int) else str(ckpt),
-      **metrics,
+      **quality,
       'nfe_mean': float(np.mean(nfes)),
       'nfe_max': int(np.max(nfes)),
       'num_samples': num_samples,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import sde_lib
+from scoresde import sde_lib
 
 Array = jax.Array
 Variables = Any
@@ -27,13 +27,13 @@ Variables = Any
 # name -> module that defines it. Modules are imported on first use so that the registry is complete
 # whatever the caller imported, and an unknown name fails with the list of known ones.
 _MODEL_MODULES = {
-    'mlp': 'models.mlp',
-    'ncsnpp': 'models.ncsnpp',
-    'ddpm': 'models.ddpm',
-    'ncsn': 'models.ncsnv2',
-    'ncsnv2_64': 'models.ncsnv2',
-    'ncsnv2_128': 'models.ncsnv2',
-    'ncsnv2_256': 'models.ncsnv2',
+    'mlp': 'scoresde.models.mlp',
+    'ncsnpp': 'scoresde.models.ncsnpp',
+    'ddpm': 'scoresde.models.ddpm',
+    'ncsn': 'scoresde.models.ncsnv2',
+    'ncsnv2_64': 'scoresde.models.ncsnv2',
+    'ncsnv2_128': 'scoresde.models.ncsnv2',
+    'ncsnv2_256': 'scoresde.models.ncsnv2',
 }
 _MODELS: dict[str, type[nn.Module]] = {}
 

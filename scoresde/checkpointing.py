@@ -39,8 +39,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-import losses
-import parallel
+from scoresde import losses
+from scoresde.infra import parallel
 
 PREEMPTION_DIR = 'checkpoints-meta'
 PERMANENT_DIR = 'checkpoints'
@@ -300,7 +300,7 @@ def restore_newest(workdir: str, target: Any) -> Restored | None:
 
 def abstract_train_state(config, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, losses.TrainState]:
   """(model, abstract TrainState) for ``config``, replicated on ``mesh``; computes no parameters."""
-  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  from scoresde.models import utils as mutils  # pylint: disable=import-outside-toplevel
   model = mutils.create_model(config)
   optimizer = losses.get_optimizer(config)
 
@@ -318,14 +318,14 @@ def load_variables(config, workdir: str | None = None, checkpoint: int | str | N
   ``checkpoint``: None (the newest permanent snapshot in ``workdir/checkpoints``), an index k of
   ``workdir/checkpoints/checkpoint_{k}``, the path of an orbax checkpoint directory
   (``.../checkpoint_{k}``), or a score_sde_pytorch ``.pth`` file (imported through
-  ``models.torch_port``; its step is reported as None).
+  ``porting.torch_port``; its step is reported as None).
 
   Raises ValueError, before anything is compiled, when the weights are not all finite (sampling or
   evaluating them would only give NaN).
   """
   kind = 'EMA' if ema else 'raw'
   if isinstance(checkpoint, str) and checkpoint.endswith('.pth'):
-    from models import torch_port  # pylint: disable=import-outside-toplevel
+    from scoresde.porting import torch_port  # pylint: disable=import-outside-toplevel
     variables = torch_port.load_score_sde_pytorch(checkpoint, config, ema)
     check_finite_weights(variables, f'the checkpoint {checkpoint}', kind)
     return variables, None

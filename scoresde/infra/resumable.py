@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, Callable
 
 import jax
 
-import parallel
+from scoresde.infra import parallel
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import sde_lib
+from scoresde import sde_lib
 
 Array = jax.Array
 
@@ -133,7 +133,7 @@ def _component_stds(data: GaussianMixture) -> np.ndarray:
   covs = np.asarray(data.covs)
   variances = covs[:, 0, 0]
   if not np.allclose(covs, variances[:, None, None] * np.eye(data.dim)[None]):
-    raise ValueError('the mixture has non-isotropic covariances; use analytic.score_fn.')
+    raise ValueError('the mixture has non-isotropic covariances; use gaussian_mixture.score_fn.')
   return np.sqrt(variances)
 
 

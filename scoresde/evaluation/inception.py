@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import torch_pickle
+from scoresde.porting import torch_pickle
 
 FILENAME = 'pt_inception-2015-12-05-6726825d.pth'
 URL = f'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FILENAME}'

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
+from scoresde.models import layers
 
 Array = jax.Array
 _EPS = 1e-5

@@ -1,1 +1,0 @@
-"""Score networks, registered by name (``config.model.name``); see ``models.utils.get_model``."""

@@ -1,0 +1,5 @@
+"""Released checkpoints of the reference implementations, read as data (nothing in a file executes).
+
+- ``torch_pickle``: a restricted reader of PyTorch ``.pth`` files (zip and legacy formats);
+- ``torch_port``: maps a score_sde_pytorch state dict onto our Flax parameter trees.
+"""
