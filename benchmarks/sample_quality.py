@@ -42,21 +42,21 @@ def digits_split(split: str) -> np.ndarray:
 def digits_control() -> None:
   config = default_cifar10_configs.get_default_configs()
   config.data.update(dataset='digits', image_size=8, num_channels=1, num_levels=17)
-  extractor = evaluation.get_feature_extractor(config)
-  train_f, train_l = evaluation.compute_features(extractor, digits_split('train'))
-  test_f, _ = evaluation.compute_features(extractor, digits_split('test'))
+  extractor = metrics.get_feature_extractor(config)
+  train_f, train_l = metrics.compute_features(extractor, digits_split('train'))
+  test_f, _ = metrics.compute_features(extractor, digits_split('test'))
   noise = images.to_uint8(np.random.default_rng(0).uniform(size=(1497, 8, 8, 1)))
-  noise_f, noise_l = evaluation.compute_features(extractor, noise)
+  noise_f, noise_l = metrics.compute_features(extractor, noise)
   # Subsets of the size of a typical sample evaluation: FID and split IS are biased at small n.
   subsets = {n: np.random.default_rng(0).choice(len(train_f), n, replace=False) for n in (1000, 300)}
-  mu, cov = evaluation.feature_stats(test_f)
+  mu, cov = metrics.feature_stats(test_f)
   print('digits quality against the test split (300 images), digits classifier features:')
   print(f'{"set":<22} {"n":>5} {"FID":>8} {"IS (10 splits)":>16} {"IS (1 split)":>12} {"KID":>18}')
   rows = [('train split', train_f, train_l)]
   rows += [(f'train subset ({n})', train_f[idx], train_l[idx]) for n, idx in subsets.items()]
   rows += [('uniform noise', noise_f, noise_l)]
   for name, f, l in rows:
-    m = evaluation.quality_metrics(f, l, mu, cov, test_f)
+    m = metrics.quality_metrics(f, l, mu, cov, test_f)
     print(f'{name:<22} {len(f):>5} {m["fid"]:>8.2f} {m["is"]:>9.2f} ± {m["is_std"]:<4.2f} '
           f'{m["is_single_split"]:>12.2f} {m["kid"]:>9.1f} ± {m["kid_stderr"]:<6.1f}')
 

@@ -18,3 +18,8 @@ The layering is checked by import-linter (``.importlinter``). ``main.py`` is the
 modules ``sde_lib``, ``losses``, ``sampling``, ``likelihood``, ``datasets``, ``run_lib``, ``models`` and
 ``evaluation`` are aliases of these, so score_sde users' ``import sde_lib`` keeps working.
 """
+
+import os as _os
+
+# Committed data files (feature-network weights, dataset statistics) live beside the package.
+ASSETS_DIR = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), 'assets')

@@ -13,7 +13,7 @@ import scipy.linalg
 
 from scoresde import datasets
 from scoresde.evaluation import sample_quality
-from scoresde import evaluation
+from scoresde.evaluation import metrics
 from scoresde.infra import images
 from scoresde import sde_lib
 from configs import default_cifar10_configs
@@ -37,7 +37,7 @@ def test_frechet_distance_matches_scipy_sqrtm_formula():
   cov1, cov2 = _random_cov(rng, d), _random_cov(rng, d)
   expected = (np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2)
               - 2. * np.trace(scipy.linalg.sqrtm(cov1 @ cov2)).real)
-  assert evaluation.frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(expected, rel=1e-10)
+  assert metrics.frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(expected, rel=1e-10)
 
 
 def test_frechet_distance_commuting_and_singular_closed_form():
@@ -46,7 +46,7 @@ def test_frechet_distance_commuting_and_singular_closed_form():
   a, b = np.array([1., 0., 4.]), np.array([4., 1., 9.])
   mu1, mu2 = np.array([0., 1., 2.]), np.array([1., 1., 0.])
   expected = 1. + 4. + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-  assert evaluation.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, abs=1e-12)
+  assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, abs=1e-12)
 
 
 def test_fid_of_gaussian_feature_sets_equals_closed_form():
@@ -58,24 +58,24 @@ def test_fid_of_gaussian_feature_sets_equals_closed_form():
   cov1, cov2 = _random_cov(rng, d), _random_cov(rng, d)
   x = rng.multivariate_normal(mu1, cov1, size=n)
   y = rng.multivariate_normal(mu2, cov2, size=n)
-  exact = evaluation.frechet_distance(mu1, cov1, mu2, cov2)
+  exact = metrics.frechet_distance(mu1, cov1, mu2, cov2)
   assert exact > 1.
-  assert evaluation.fid_from_features(x, y) == pytest.approx(exact, abs=0.05)
+  assert metrics.fid_from_features(x, y) == pytest.approx(exact, abs=0.05)
 
 
 def test_fid_of_a_set_with_itself_is_zero():
   rng = np.random.default_rng(2)
   x = rng.standard_normal((500, 64)) * rng.uniform(0.1, 3., 64)
-  assert abs(evaluation.fid_from_features(x, x)) < 1e-8
+  assert abs(metrics.fid_from_features(x, x)) < 1e-8
   # More dimensions than samples: singular covariance; the result is real and 0 up to round-off in
   # the square roots of the zero eigenvalues (√1e-16 each): 1e-7 of Tr Σ₁ + Tr Σ₂ (≈ 256 here).
   z = rng.standard_normal((50, 128))
-  assert abs(evaluation.fid_from_features(z, z)) < 1e-7 * 2 * np.trace(np.cov(z, rowvar=False))
+  assert abs(metrics.fid_from_features(z, z)) < 1e-7 * 2 * np.trace(np.cov(z, rowvar=False))
 
 
 def test_frechet_distance_rejects_mismatched_shapes():
   with pytest.raises(ValueError, match='mismatched'):
-    evaluation.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,11 +84,11 @@ def test_frechet_distance_rejects_mismatched_shapes():
 
 def test_inception_score_uniform_and_confident_extremes():
   k, n = 10, 1000
-  assert evaluation.inception_score(np.zeros((n, k)), splits=10) == pytest.approx((1., 0.), abs=1e-12)
+  assert metrics.inception_score(np.zeros((n, k)), splits=10) == pytest.approx((1., 0.), abs=1e-12)
   confident = 1e4 * np.eye(k)[np.arange(n) % k]  # one-hot, every class equally often
-  mean, std = evaluation.inception_score(confident, splits=10)
+  mean, std = metrics.inception_score(confident, splits=10)
   assert mean == pytest.approx(k, rel=1e-9) and std == pytest.approx(0., abs=1e-9)
-  assert evaluation.inception_score(confident, splits=1)[0] == pytest.approx(k, rel=1e-9)
+  assert metrics.inception_score(confident, splits=1)[0] == pytest.approx(k, rel=1e-9)
 
 
 def test_inception_score_two_class_closed_form():
@@ -97,13 +97,13 @@ def test_inception_score_two_class_closed_form():
   a = 0.8
   logits = np.log(np.array([[a, 1 - a], [1 - a, a]] * 50))
   entropy = -(a * np.log(a) + (1 - a) * np.log(1 - a))
-  assert evaluation.inception_score(logits, splits=1)[0] == pytest.approx(np.exp(np.log(2.) - entropy))
-  assert evaluation.inception_score(logits, splits=5)[0] == pytest.approx(np.exp(np.log(2.) - entropy))
+  assert metrics.inception_score(logits, splits=1)[0] == pytest.approx(np.exp(np.log(2.) - entropy))
+  assert metrics.inception_score(logits, splits=5)[0] == pytest.approx(np.exp(np.log(2.) - entropy))
 
 
 def test_inception_score_split_validation():
   with pytest.raises(ValueError, match='splits'):
-    evaluation.inception_score(np.zeros((5, 3)), splits=6)
+    metrics.inception_score(np.zeros((5, 3)), splits=6)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,10 +132,10 @@ def test_mmd2_unbiased_matches_closed_form_expectations():
     for _ in range(reps):
       x = rng.multivariate_normal(a, sa, size=m)
       y = rng.multivariate_normal(b, sb, size=n)
-      est.append(evaluation.mmd2_unbiased(x, y, degree=degree))
-      kxx = evaluation.polynomial_kernel(x, x, degree)
-      kyy = evaluation.polynomial_kernel(y, y, degree)
-      biased.append(kxx.mean() + kyy.mean() - 2 * evaluation.polynomial_kernel(x, y, degree).mean())
+      est.append(metrics.mmd2_unbiased(x, y, degree=degree))
+      kxx = metrics.polynomial_kernel(x, x, degree)
+      kyy = metrics.polynomial_kernel(y, y, degree)
+      biased.append(kxx.mean() + kyy.mean() - 2 * metrics.polynomial_kernel(x, y, degree).mean())
     stderr = np.std(est) / np.sqrt(reps)
     assert abs(np.mean(est) - exact[degree]) < 4 * stderr, (degree, np.mean(est), exact[degree], stderr)
     assert abs(np.mean(biased) - exact[degree]) > 10 * stderr
@@ -150,20 +150,20 @@ def test_kid_is_unbiased_for_equal_distributions_and_its_stderr_is_honest():
   for seed in range(300):
     x = rng.standard_normal((120, 8)) + 1.
     y = rng.standard_normal((90, 8)) + 1.
-    kid, stderr = evaluation.kernel_inception_distance(x, y, block_size=30, seed=seed)
+    kid, stderr = metrics.kernel_inception_distance(x, y, block_size=30, seed=seed)
     kids.append(kid)
     stderrs.append(stderr)
   spread = np.std(kids)
   assert abs(np.mean(kids)) < 4 * spread / np.sqrt(len(kids))
   assert np.sqrt(np.mean(np.square(stderrs))) == pytest.approx(spread, rel=0.25)
-  shifted = evaluation.kernel_inception_distance(rng.standard_normal((400, 8)) + 2.,
+  shifted = metrics.kernel_inception_distance(rng.standard_normal((400, 8)) + 2.,
                                                  rng.standard_normal((400, 8)) + 1., block_size=100)
   assert shifted[0] > 5 * shifted[1]
 
 
 def test_kid_needs_enough_samples():
   with pytest.raises(ValueError, match='KID needs'):
-    evaluation.kernel_inception_distance(np.zeros((3, 2)), np.zeros((10, 2)))
+    metrics.kernel_inception_distance(np.zeros((3, 2)), np.zeros((10, 2)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,12 +216,12 @@ def _split_uint8(split, image_size=8):
 
 @pytest.fixture(scope='module')
 def digits_extractor():
-  return evaluation.get_feature_extractor(_digits_config())
+  return metrics.get_feature_extractor(_digits_config())
 
 
 @pytest.fixture(scope='module')
 def digits_features(digits_extractor):
-  return {split: evaluation.compute_features(digits_extractor, _split_uint8(split))
+  return {split: metrics.compute_features(digits_extractor, _split_uint8(split))
           for split in ('train', 'test')}
 
 
@@ -241,10 +241,10 @@ def test_digits_quality_train_vs_test_is_small_next_to_noise(digits_extractor, d
   train_f, train_l = digits_features['train']
   test_f, _ = digits_features['test']
   noise = images.to_uint8(np.random.default_rng(0).uniform(size=(1497, 8, 8, 1)))
-  noise_f, noise_l = evaluation.compute_features(digits_extractor, noise)
-  mu, cov = evaluation.feature_stats(test_f)
-  control = evaluation.quality_metrics(train_f, train_l, mu, cov, test_f)
-  bad = evaluation.quality_metrics(noise_f, noise_l, mu, cov, test_f)
+  noise_f, noise_l = metrics.compute_features(digits_extractor, noise)
+  mu, cov = metrics.feature_stats(test_f)
+  control = metrics.quality_metrics(train_f, train_l, mu, cov, test_f)
+  bad = metrics.quality_metrics(noise_f, noise_l, mu, cov, test_f)
   assert control['fid'] < 10 and bad['fid'] > 20 * control['fid']
   assert control['is'] > 9 and bad['is'] < 3  # 10 balanced, confidently recognised classes vs noise
   assert abs(control['kid']) < 3 * control['kid_stderr']  # same distribution: KID consistent with 0
@@ -253,8 +253,8 @@ def test_digits_quality_train_vs_test_is_small_next_to_noise(digits_extractor, d
 
 def test_digits_features_are_layout_invariant(digits_extractor, digits_features):
   # An upsampled 16×16 config scores the same digits identically (block means undo the upsampling).
-  extractor16 = evaluation.get_feature_extractor(_digits_config(16))
-  feats16, _ = evaluation.compute_features(extractor16, _split_uint8('test', 16))
+  extractor16 = metrics.get_feature_extractor(_digits_config(16))
+  feats16, _ = metrics.compute_features(extractor16, _split_uint8('test', 16))
   np.testing.assert_allclose(feats16, digits_features['test'][0], rtol=1e-5, atol=1e-5)
 
 
@@ -387,7 +387,7 @@ def test_compute_dataset_stats_round_trip(tmp_path, digits_extractor, digits_fea
   config.eval.stats_path = path
   reference = sample_quality.load_reference(config, digits_extractor)
   assert reference['source'] == path
-  mu, sigma = evaluation.feature_stats(digits_features['train'][0])
+  mu, sigma = metrics.feature_stats(digits_features['train'][0])
   np.testing.assert_allclose(reference['mu'], mu, rtol=1e-6)
   np.testing.assert_allclose(reference['sigma'], sigma, rtol=1e-5, atol=1e-8)
   config.data.image_size = 16  # statistics of 8x8 digits do not describe a 16x16 config
@@ -398,7 +398,7 @@ def test_compute_dataset_stats_round_trip(tmp_path, digits_extractor, digits_fea
 def test_missing_stats_for_image_datasets_say_how_to_compute_them(tmp_path):
   config = default_cifar10_configs.get_default_configs()
   config.eval.stats_path = str(tmp_path / 'none.npz')
-  extractor = evaluation.FeatureExtractor('inception_v3_fid', lambda x: x, 2048, 1008)
+  extractor = metrics.FeatureExtractor('inception_v3_fid', lambda x: x, 2048, 1008)
   with pytest.raises(FileNotFoundError, match='--mode=fid_stats'):
     sample_quality.load_reference(config, extractor)
 

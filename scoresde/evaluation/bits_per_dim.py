@@ -28,9 +28,9 @@ from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
-import tqdm
 
 from scoresde import datasets
+from scoresde.evaluation import rounds
 from scoresde import likelihood
 from scoresde.infra import parallel
 from scoresde.infra import resumable
@@ -101,39 +101,34 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
   score_fn = mutils.network_score_fn(config, sde, model, parallel.replicate(mesh, variables))
   base_rng = jax.random.PRNGKey(int(config.seed) + 1)
   num_batches = math.ceil(datasets.num_examples(config, split) / int(config.eval.batch_size))
-  progress = tqdm.tqdm(total=repeats * num_batches, desc=f'bits/dim {split} ckpt {ckpt}', unit='batch',
-                       disable=not show_progress or jax.process_index() != 0)
+
+  def units():
+    for repeat in range(repeats):
+      for index, batch in enumerate(datasets.get_eval_iterator(config, split, uniform_dequantization=False)):
+        yield f'r{repeat}_b{index}', (repeat, index, batch)
+
+  def compute(unit) -> dict[str, np.ndarray]:
+    repeat, index, batch = unit
+    levels = likelihood.levels_from_unit_interval(
+        batch['image'], num_levels, f'bits/dim input batch {index} (repeat {repeat}) of the {split} split')
+    rng = jax.random.fold_in(jax.random.fold_in(base_rng, repeat), index)
+    bpd, _, nfe = bpd_fn(rng, score_fn, parallel.shard_batch(mesh, levels))
+    mask = parallel.gather(batch['mask'])
+    return {'bpd': parallel.gather(bpd)[mask], 'nfe': parallel.gather(nfe)[mask]}
+
   bpds: list[list[np.ndarray]] = [[] for _ in range(repeats)]
   nfes: list[np.ndarray] = []
-  resumed, started = 0, time.time()
-  for repeat in range(repeats):
-    batches = datasets.get_eval_iterator(config, split, uniform_dequantization=False)
-    for index, batch in enumerate(batches):
-      path = os.path.join(run_dir, f'r{repeat}_b{index}.npz')
-      if os.path.exists(path):
-        with np.load(path) as saved:
-          bpd, nfe = saved['bpd'], saved['nfe']
-        resumed += 1
-      else:
-        levels = likelihood.levels_from_unit_interval(
-            batch['image'], num_levels, f'bits/dim input batch {index} (repeat {repeat}) of the {split} split')
-        rng = jax.random.fold_in(jax.random.fold_in(base_rng, repeat), index)
-        bpd, _, nfe = bpd_fn(rng, score_fn, parallel.shard_batch(mesh, levels))
-        mask = parallel.gather(batch['mask'])
-        bpd, nfe = parallel.gather(bpd)[mask], parallel.gather(nfe)[mask]
-        if jax.process_index() == 0:
-          resumable.atomic_write(path, lambda f, b=bpd, n=nfe: np.savez(f, bpd=b, nfe=n))
-      bpds[repeat].append(bpd)
-      nfes.append(nfe)
-      running = np.concatenate([b for rows in bpds for b in rows])
-      progress.set_postfix(repeat=repeat, bpd=f'{np.mean(running):.4f}', nfe=int(np.max(nfe, initial=0)))
-      progress.update()
-    if len(bpds[repeat]) != num_batches:
-      raise RuntimeError(f'the eval iterator gave {len(bpds[repeat])} batches in repeat {repeat}, '
-                         f'expected {num_batches}.')
-  progress.close()
-  if resumed:
-    logging.info('bits/dim: resumed %d of %d batches from %s', resumed, repeats * num_batches, run_dir)
+
+  def postfix(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    running = np.concatenate([b for rows in bpds for b in rows])
+    return {'bpd': f'{np.mean(running):.4f}', 'nfe': int(np.max(arrays['nfe'], initial=0))}
+
+  started = time.time()
+  for (repeat, _, _), arrays in rounds.resumable_rounds(
+      run_dir, units(), compute, total=repeats * num_batches, desc=f'bits/dim {split} ckpt {ckpt}',
+      show_progress=show_progress, postfix=postfix):
+    bpds[repeat].append(arrays['bpd'])
+    nfes.append(arrays['nfe'])
 
   per_repeat = np.stack([np.concatenate(rows) for rows in bpds])  # (repeats, examples)
   nfe_all = np.concatenate(nfes)

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import scoresde
+
 FEATURE_DIM = 64
 NUM_CLASSES = 10
-WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
-                       'digits_classifier.npz')
+WEIGHTS = os.path.join(scoresde.ASSETS_DIR, 'digits_classifier.npz')
 
 
 class DigitsClassifier(nn.Module):

@@ -34,7 +34,9 @@ import jax
 import numpy as np
 import tqdm
 
+import scoresde
 from scoresde import datasets
+from scoresde.evaluation import rounds
 from scoresde.evaluation import metrics
 from scoresde.infra import images
 from scoresde.infra import parallel
@@ -43,7 +45,6 @@ from scoresde import sampling
 from scoresde import sde_lib
 from scoresde.models import utils as mutils
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 GRID_SIZE = 64
 
 
@@ -51,7 +52,7 @@ def default_stats_path(config) -> str:
   """``assets/stats/{dataset}_{image_size}_stats.npz`` in the repository (``config.eval.stats_path``
   overrides it)."""
   name = datasets.dataset_name(config)
-  return os.path.join(REPO_ROOT, 'assets', 'stats', f'{name}_{int(config.data.image_size)}_stats.npz')
+  return os.path.join(scoresde.ASSETS_DIR, 'stats', f'{name}_{int(config.data.image_size)}_stats.npz')
 
 
 def stats_path(config) -> str:
@@ -222,49 +223,30 @@ def evaluate_samples(config, eval_dir: str, ckpt: int | str, model: nn.Module, v
   rng = jax.random.PRNGKey(int(config.seed))
   feature_batch = _feature_batch_size(config)
 
-  features, logits, nfes, grid = [], [], [], []
-  resumed, started, sampled, sampling_time = 0, time.time(), 0, 0.
-  progress = tqdm.tqdm(total=num_rounds, desc=f'samples ckpt {ckpt}', unit='round',
-                       disable=not show_progress or jax.process_index() != 0)
-  for r in range(num_rounds):
-    sample_file = os.path.join(run_dir, f'samples_{r}.npz')
-    stats_file = os.path.join(run_dir, f'statistics_{r}.npz')
+  def compute(r: int) -> dict[str, np.ndarray]:
+    samples, nfe = sampler(rng, score_fn, first_index=r * batch_size)
     keep = min(batch_size, num_samples - r * batch_size)  # rows of this round that enter the metrics
-    if os.path.exists(stats_file):
-      with np.load(stats_file) as saved:
-        f, l, nfe = saved['features'], saved['logits'], int(saved['nfe'])
-      resumed += 1
-    else:
-      round_start = time.time()
-      samples, nfe = sampler(rng, score_fn, first_index=r * batch_size)
-      nfe = int(nfe)
-      local = images.to_uint8(parallel.to_host(samples))
-      f, l = _local_features(extractor, local, feature_batch)
-      # Stored (and so used) as float32, so a resumed evaluation computes from the same values.
-      f, l = f[:keep].astype(np.float32), l[:keep].astype(np.float32)
-      kept = parallel.gather(local)[:keep]
-      if jax.process_index() == 0:
-        resumable.atomic_write(sample_file, lambda out, s=kept, n=nfe: np.savez(out, samples=s, nfe=n))
-        # Written last: its presence marks the round finished.
-        resumable.atomic_write(stats_file, lambda out, a=f, b=l, n=nfe: np.savez(
-            out, features=a, logits=b, nfe=n))
-      parallel.sync(f'{run_dir} round {r}')
-      sampled += 1
-      sampling_time += time.time() - round_start
-      logging.log_every_n_seconds(
-          logging.INFO, 'samples ckpt %s: round %d/%d, %.1f s/round, ETA %.0f s', 60, ckpt, r + 1,
-          num_rounds, sampling_time / sampled, (num_rounds - r - 1) * sampling_time / sampled)
-    if r == 0:
-      with np.load(sample_file) as saved:
-        grid = saved['samples'][:GRID_SIZE]
-    features.append(f)
-    logits.append(l)
-    nfes.append(nfe)
-    progress.set_postfix(nfe=nfe)
-    progress.update()
-  progress.close()
-  if resumed:
-    logging.info('samples: resumed %d of %d rounds from %s', resumed, num_rounds, run_dir)
+    local = images.to_uint8(parallel.to_host(samples))
+    f, l = _local_features(extractor, local, feature_batch)
+    kept = parallel.gather(local)[:keep]
+    if jax.process_index() == 0:
+      resumable.atomic_write(os.path.join(run_dir, f'samples_{r}.npz'),
+                             lambda out: np.savez(out, samples=kept, nfe=int(nfe)))
+    # Kept (and so used) as float32, so a resumed evaluation computes from the same values.
+    return {'features': f[:keep].astype(np.float32), 'logits': l[:keep].astype(np.float32),
+            'nfe': np.asarray(int(nfe))}
+
+  features, logits, nfes = [], [], []
+  started = time.time()
+  # The statistics file of a round is written after its samples file: its presence marks it finished.
+  for _, arrays in rounds.resumable_rounds(
+      run_dir, ((f'statistics_{r}', r) for r in range(num_rounds)), compute, total=num_rounds,
+      desc=f'samples ckpt {ckpt}', show_progress=show_progress, postfix=lambda a: {'nfe': int(a['nfe'])}):
+    features.append(arrays['features'])
+    logits.append(arrays['logits'])
+    nfes.append(int(arrays['nfe']))
+  with np.load(os.path.join(run_dir, 'samples_0.npz')) as saved:
+    grid = saved['samples'][:GRID_SIZE]
 
   features, logits = np.concatenate(features), np.concatenate(logits)
   if len(features) != num_samples:

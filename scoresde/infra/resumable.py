@@ -1,6 +1,6 @@
 """Resumable evaluation output: a run directory bound to its settings, and files written atomically.
 
-The evaluations (``eval_likelihood``, ``eval_samples``) save each unit of work as it finishes and skip
+The evaluations (``evaluation.rounds``: bits/dim and sample quality) save each unit of work as it finishes and skip
 the units they find, so a preempted run resumes where it stopped. That is only sound when the saved
 units were made with the same settings, which ``open_run_dir`` checks, and when a file that exists is
 complete, which ``atomic_write`` guarantees (write to a temporary name, then rename).
