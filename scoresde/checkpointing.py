@@ -36,7 +36,9 @@ import zlib
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from scoresde import losses
@@ -311,31 +313,162 @@ def abstract_train_state(config, mesh: jax.sharding.Mesh | None = None) -> tuple
   return model, abstract_like(jax.eval_shape(init), sharding)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints of the reference implementations (released ones, or a user's own runs of them)
+
+ORBAX = 'orbax checkpoint directory'
+PYTORCH = 'score_sde_pytorch .pth'
+FLAX_MSGPACK = 'score_sde (JAX) flax msgpack'
+_ZIP_MAGIC = b'PK\x03\x04'
+_PICKLE_PROTO = 0x80  # a legacy torch file starts with a pickle (PROTO opcode, then the protocol 2..5)
+_MSGPACK_MAPS = set(range(0x81, 0x90)) | {0xde, 0xdf}  # a non-empty map: fixmap, map16, map32
+
+
+def checkpoint_format(path: str) -> str:
+  """Which kind of checkpoint ``path`` is, from the file system and the file's first bytes (never its
+  name): ``ORBAX`` (a directory), ``PYTORCH`` (torch's zip or legacy format) or ``FLAX_MSGPACK`` (the
+  JAX reference's ``flax.training.checkpoints`` files).
+
+  Raises:
+    FileNotFoundError: nothing at ``path``.
+    ValueError: a file in none of these formats.
+  """
+  if os.path.isdir(path):
+    return ORBAX
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'checkpoint {path!r} does not exist.')
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  if head == _ZIP_MAGIC or (len(head) >= 2 and head[0] == _PICKLE_PROTO and 2 <= head[1] <= 5):
+    return PYTORCH
+  if head and head[0] in _MSGPACK_MAPS:
+    return FLAX_MSGPACK
+  raise ValueError(f'{path} is not a checkpoint this code reads (its first bytes are {head!r}): expected an '
+                   'orbax checkpoint directory (checkpoints/checkpoint_<k> of a run), a score_sde_pytorch '
+                   '.pth file (zip or legacy torch format) or a score_sde (JAX) checkpoint file (flax '
+                   'msgpack, checkpoints/checkpoint_<k>).')
+
+
+def _load_foreign(config, path: str, fmt: str, ema: bool) -> dict[str, Any]:
+  """Variables of a reference checkpoint file (``PYTORCH`` or ``FLAX_MSGPACK``)."""
+  # pylint: disable=import-outside-toplevel  (each port is only needed for its own format)
+  if fmt == PYTORCH:
+    from scoresde.porting import torch_port
+    return torch_port.load_score_sde_pytorch(path, config, ema)
+  from scoresde.porting import jax_port
+  return jax_port.load_score_sde_jax(path, config, ema)
+
+
+def read_released(config, path: str):
+  """A reference checkpoint's whole training state in our layout (``porting.released.Released``)."""
+  # pylint: disable=import-outside-toplevel
+  fmt = checkpoint_format(path)
+  if fmt == FLAX_MSGPACK:
+    from scoresde.porting import jax_port
+    return jax_port.read_score_sde_jax(path, config)
+  if fmt == PYTORCH:
+    from scoresde.porting import released, torch_pickle, torch_port
+    checkpoint = torch_pickle.load(path)
+    step = checkpoint.get('step', 0) if isinstance(checkpoint, dict) else 0
+    return released.Released(
+        params=torch_port.load_score_sde_pytorch(path, config, ema=False)['params'],
+        params_ema=torch_port.load_score_sde_pytorch(path, config, ema=True)['params'],
+        step=int(step), adam=None, rng=None, format=PYTORCH)
+  raise ValueError(f'{path} is an {ORBAX}, already a checkpoint of ours: pass it to --mode=eval/sample '
+                   'with --checkpoint, or copy it into a run directory.')
+
+
+def _with_adam_state(opt_state: Any, first: Any, second: Any, count: int, step: int) -> Any:
+  """``opt_state`` (optax's Adam chain) with the file's moments and update count, and the learning-rate
+  schedule at ``step``: flax.optim.Adam's ``grad_ema``, ``grad_sq_ema`` and ``step`` are optax's
+  ``mu``, ``nu`` and ``count`` (both bias-correct with count + 1 and apply the same update)."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, optax.ScaleByAdamState):
+      found.append(node)
+      if first is None:
+        return node
+      return node._replace(count=jnp.asarray(count, node.count.dtype),
+                           mu=jax.tree.map(jnp.asarray, first), nu=jax.tree.map(jnp.asarray, second))
+    if isinstance(node, optax.ScaleByScheduleState):
+      return node._replace(count=jnp.asarray(step, node.count.dtype))
+    if isinstance(node, tuple) and not hasattr(node, '_fields'):
+      return tuple(visit(n) for n in node)
+    return node
+  result = visit(opt_state)
+  if len(found) != 1:
+    raise ValueError(f'the optimizer state has {len(found)} Adam states; expected one (config.optim).')
+  return result
+
+
+def import_checkpoint(config, workdir: str, path: str) -> tuple[int, str]:
+  """Writes a reference checkpoint (``PYTORCH`` or ``FLAX_MSGPACK``) into ``workdir`` as the permanent
+  checkpoint ``checkpoints/checkpoint_{k}`` of ours, k = ⌈step / snapshot_freq⌉, so that evaluation,
+  sampling and training (resuming at its step, or fine-tuning) read it like any of ours. Returns
+  (k, its path).
+
+  The state holds the raw and the EMA weights, the step, and Adam's moments and update count where the
+  file has them (JAX files; score_sde_pytorch's optimizer state is not imported: Adam restarts from
+  zero moments, with the learning-rate schedule still at the file's step).
+
+  Raises:
+    ValueError: ``workdir`` already holds checkpoints, or the file does not fit ``config``.
+  """
+  if has_checkpoints(workdir):
+    raise ValueError(f'{workdir} already holds checkpoints; import into a new --workdir.')
+  source = read_released(config, path)
+  params = jax.tree.map(jnp.asarray, source.params)
+  opt_state = losses.get_optimizer(config).init(params)
+  if source.adam is None:
+    logging.warning('%s has no Adam state to import: training from it starts Adam afresh (zero moments).',
+                    path)
+  first, second, count = source.adam if source.adam is not None else (None, None, 0)
+  opt_state = _with_adam_state(opt_state, first, second, count, source.step)
+  rng = source.rng if source.rng is not None else jax.random.PRNGKey(config.seed)
+  state = losses.TrainState(step=jnp.asarray(source.step, jnp.int32), params=params, opt_state=opt_state,
+                            params_ema=jax.tree.map(jnp.asarray, source.params_ema),
+                            rng=jnp.asarray(rng, jnp.uint32))
+  check_finite_weights({'params': state.params, 'params_ema': state.params_ema}, f'the checkpoint {path}')
+  index = -(-source.step // int(config.training.snapshot_freq))
+  manager = permanent_manager(workdir)
+  try:
+    save(manager, index, state, {'step': source.step, 'imported_from': os.path.abspath(path),
+                                 'format': source.format})
+  finally:
+    manager.close()
+  written = _step_path(manager, index)
+  logging.info('imported %s (%s, training step %d%s) as %s', path, source.format, source.step,
+               ', with its Adam moments' if source.adam is not None else '', written)
+  return index, written
+
+
 def load_variables(config, workdir: str | None = None, checkpoint: int | str | None = None,
                    ema: bool = True) -> tuple[dict[str, Any], int | None]:
   """The model variables ``{'params': ...}`` (EMA weights by default) and their training step.
 
   ``checkpoint``: None (the newest permanent snapshot in ``workdir/checkpoints``), an index k of
-  ``workdir/checkpoints/checkpoint_{k}``, the path of an orbax checkpoint directory
-  (``.../checkpoint_{k}``), or a score_sde_pytorch ``.pth`` file (imported through
-  ``porting.torch_port``; its step is reported as None).
+  ``workdir/checkpoints/checkpoint_{k}``, or a path (``checkpoint_format`` decides what it is): an orbax
+  checkpoint directory (``.../checkpoint_{k}``), a score_sde_pytorch ``.pth`` file (imported through
+  ``porting.torch_port``) or a score_sde (JAX) checkpoint file (``porting.jax_port``); the step of a
+  reference file is reported as None.
 
   Raises ValueError, before anything is compiled, when the weights are not all finite (sampling or
   evaluating them would only give NaN).
   """
   kind = 'EMA' if ema else 'raw'
-  if isinstance(checkpoint, str) and checkpoint.endswith('.pth'):
-    from scoresde.porting import torch_port  # pylint: disable=import-outside-toplevel
-    variables = torch_port.load_score_sde_pytorch(checkpoint, config, ema)
-    check_finite_weights(variables, f'the checkpoint {checkpoint}', kind)
-    return variables, None
-
   if isinstance(checkpoint, str) and not checkpoint.isdigit():
+    fmt = checkpoint_format(checkpoint)
+    if fmt != ORBAX:
+      variables = _load_foreign(config, checkpoint, fmt, ema)
+      check_finite_weights(variables, f'the checkpoint {checkpoint}', kind)
+      logging.info('loaded %s weights of %s (%s)', kind, checkpoint, fmt)
+      return variables, None
     path = os.path.abspath(checkpoint.rstrip('/'))
     name = os.path.basename(path)
-    if not (os.path.isdir(path) and name.startswith(_PREFIX + '_') and name[len(_PREFIX) + 1:].isdigit()):
-      raise ValueError(f'checkpoint={checkpoint!r} is neither a .pth file nor an orbax checkpoint '
-                       f'directory named {_PREFIX}_<k>.')
+    if not (name.startswith(_PREFIX + '_') and name[len(_PREFIX) + 1:].isdigit()):
+      raise ValueError(f'checkpoint={checkpoint!r} is a directory but not an orbax checkpoint directory '
+                       f'named {_PREFIX}_<k>.')
     directory, index = os.path.dirname(path), int(name[len(_PREFIX) + 1:])
   else:
     if workdir is None:
@@ -360,8 +493,8 @@ def load_variables(config, workdir: str | None = None, checkpoint: int | str | N
   variables = {'params': state.params_ema if ema else state.params}
   check_finite_weights(variables, f'the checkpoint {_step_path(manager, index)} (training step '
                        f'{meta.get("step")})', kind)
-  logging.info('loaded %s weights of %s/%s_%d (training step %s)', kind, directory, _PREFIX, index,
-               meta.get('step'))
+  logging.info('loaded %s weights of %s/%s_%d (%s, training step %s)', kind, directory, _PREFIX, index,
+               ORBAX, meta.get('step'))
   return variables, int(meta['step'])
 
 
