@@ -367,21 +367,17 @@ def read_released(config, path: str):
     from scoresde.porting import jax_port
     return jax_port.read_score_sde_jax(path, config)
   if fmt == PYTORCH:
-    from scoresde.porting import released, torch_pickle, torch_port
-    checkpoint = torch_pickle.load(path)
-    step = checkpoint.get('step', 0) if isinstance(checkpoint, dict) else 0
-    return released.Released(
-        params=torch_port.load_score_sde_pytorch(path, config, ema=False)['params'],
-        params_ema=torch_port.load_score_sde_pytorch(path, config, ema=True)['params'],
-        step=int(step), adam=None, rng=None, format=PYTORCH)
+    from scoresde.porting import torch_port
+    return torch_port.read_score_sde_pytorch(path, config)
   raise ValueError(f'{path} is an {ORBAX}, already a checkpoint of ours: pass it to --mode=eval/sample '
                    'with --checkpoint, or copy it into a run directory.')
 
 
 def _with_adam_state(opt_state: Any, first: Any, second: Any, count: int, step: int) -> Any:
   """``opt_state`` (optax's Adam chain) with the file's moments and update count, and the learning-rate
-  schedule at ``step``: flax.optim.Adam's ``grad_ema``, ``grad_sq_ema`` and ``step`` are optax's
-  ``mu``, ``nu`` and ``count`` (both bias-correct with count + 1 and apply the same update)."""
+  schedule at ``step``: flax.optim.Adam's ``grad_ema``, ``grad_sq_ema`` and ``step``, and torch Adam's
+  ``exp_avg``, ``exp_avg_sq`` and ``step``, are optax's ``mu``, ``nu`` and ``count`` (all bias-correct
+  with the count of the update being made and apply the same update)."""
   found = []
 
   def visit(node):
@@ -409,8 +405,9 @@ def import_checkpoint(config, workdir: str, path: str) -> tuple[int, str]:
   (k, its path).
 
   The state holds the raw and the EMA weights, the step, and Adam's moments and update count where the
-  file has them (JAX files; score_sde_pytorch's optimizer state is not imported: Adam restarts from
-  zero moments, with the learning-rate schedule still at the file's step).
+  file has them (both formats; ``porting.torch_port`` documents how torch's Adam state maps and what it
+  refuses). Without them Adam restarts from zero moments, with the learning-rate schedule still at the
+  file's step.
 
   Raises:
     ValueError: ``workdir`` already holds checkpoints, or the file does not fit ``config``.

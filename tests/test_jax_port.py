@@ -355,16 +355,21 @@ def test_import_then_eval_and_train_from_it(tmp_path, image_dir, caplog, fast_co
     run_lib.import_checkpoint(config, workdir, path)
 
 
-def test_import_of_a_pytorch_checkpoint(tmp_path, image_dir):
-  """A score_sde_pytorch .pth imports its raw and EMA weights and step; Adam restarts (zero moments,
-  count 0) with the learning-rate schedule at the file's step."""
+def test_import_of_a_pytorch_checkpoint(tmp_path, image_dir, caplog):
+  """A score_sde_pytorch .pth imports its raw and EMA weights, its step, and torch Adam's state: mu, nu
+  and count are the file's exp_avg, exp_avg_sq and step (the reference's own after its 3 steps, non-zero)
+  exactly, each where the file's weight of the same parameter index went (``expected_adam`` finds that
+  without the port's moment mapping), with the learning-rate schedule at the file's step."""
   from scoresde.porting import torch_pickle, torch_port  # pylint: disable=import-outside-toplevel
+  from test_torch_port import expected_adam  # pylint: disable=import-outside-toplevel
   config = _run_config(image_dir)
   path = os.path.join(TORCH_FIXTURES, 'ddpmpp_vp_continuous.pth')
   config.optim.warmup = 0
   config.optim.lr = 1e-3
   workdir = str(tmp_path / 'run')
-  run_lib.import_checkpoint(config, workdir, path)
+  with caplog.at_level(logging.INFO):
+    run_lib.import_checkpoint(config, workdir, path)
+  assert 'training step 3, with its Adam moments)' in caplog.text
   step = int(torch_pickle.load(path)['step'])
   manager = checkpointing.permanent_manager(workdir)
   index = manager.latest_step()
@@ -376,7 +381,19 @@ def test_import_of_a_pytorch_checkpoint(tmp_path, image_dir):
     for got, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
       np.testing.assert_array_equal(got, expected)
   adam = _adam_state(restored.opt_state)
-  assert int(adam.count) == 0 and not any(np.any(np.asarray(m)) for m in jax.tree.leaves(adam.mu))
+  mu, nu, count = expected_adam(path, np.load(os.path.join(TORCH_FIXTURES, 'ddpmpp_vp_continuous.npz')),
+                                restored.params)
+  assert int(adam.count) == count == 3
+  flat = flax.traverse_util.flatten_dict
+  for ours, theirs in ((adam.mu, mu), (adam.nu, nu)):
+    ours, theirs = flat(ours), flat(theirs)
+    assert set(ours) == set(theirs) and all(np.any(v) for v in theirs.values())
+    for key in theirs:
+      np.testing.assert_array_equal(np.asarray(ours[key]), theirs[key], err_msg='/'.join(key))
+  schedule_counts = [int(s.count) for s in jax.tree.leaves(
+      restored.opt_state, is_leaf=lambda s: type(s).__name__ == 'ScaleByScheduleState')
+      if type(s).__name__ == 'ScaleByScheduleState']
+  assert schedule_counts == [step]
 
 
 def test_main_import_mode(tmp_path):

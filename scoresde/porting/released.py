@@ -14,7 +14,8 @@ class Released(NamedTuple):
   into a run directory).
 
   ``adam``: the first and second moments (optax's ``mu``, ``nu``) in our layout, and the number of Adam
-  updates they have seen (optax's ``count``); None when the file has no optimizer state.
+  updates they have seen (optax's ``count``): flax.optim.Adam's ``grad_ema``/``grad_sq_ema``/``step``, or
+  torch Adam's ``exp_avg``/``exp_avg_sq``/``step``; None when the file has no optimizer state.
   ``rng``: the file's PRNG key (uint32[2]) where it stores one.
   """
   params: Params

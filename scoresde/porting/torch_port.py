@@ -21,6 +21,18 @@ and in every shape. Layouts differ only in (decided from the tensor alone, not f
 EMA: ``shadow_params[i]`` belongs to the i-th state-dict entry that is a trainable parameter, i.e. after
 dropping buffers (``sigmas``) and the frozen Fourier ``W``. The reference evaluates and samples with these.
 
+Adam (``read_score_sde_pytorch``, for ``--mode=import``): the file's ``optimizer`` is torch Adam's
+``state_dict()``, ``{'state': {i: {'step', 'exp_avg', 'exp_avg_sq'}}, 'param_groups': [{..., 'params':
+[i, ...]}]}``, i the position in ``model.parameters()`` = the state dict's order without buffers (the
+frozen Fourier ``W`` included, with no state: it gets no gradient). ``exp_avg``/``exp_avg_sq``/``step``
+become optax's ``mu``/``nu``/``count``, each moment mapped like its weight. The moments and the update
+made from them are the same in both (both bias-correct with the count of the update being made and add
+ε after the square root); what differs is weight decay: torch Adam's ``weight_decay`` is an L2 term added
+to the gradient (so it is inside the moments), ours (``config.optim.weight_decay``, optax.adamw) is
+decoupled. Files with a coupled ``weight_decay`` != 0, ``amsgrad`` or ``maximize`` are refused, as are
+indices outside the parameters, moments whose shape is not their parameter's, and per-parameter steps
+that disagree (optax keeps one count).
+
 Noise schedule: every one of these reference models stores ``sigmas = get_sigmas(config)`` (descending
 geometric, ``model.sigma_max`` -> ``model.sigma_min``, ``model.num_scales`` of them), VP models
 included, and nothing else about the schedule (VP's ``beta_min``/``beta_max`` are not in the file). A
@@ -30,7 +42,7 @@ config that disagrees with it is refused: the weights would load, and be used at
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import flax
@@ -40,10 +52,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from scoresde.porting import released
 from scoresde.porting import torch_pickle
 from scoresde.models import utils
 
 Variables = Any
+FORMAT = 'score_sde_pytorch .pth'
 # One module's converted leaves: path relative to the module ('Conv_0', 'kernel') -> array in Flax layout.
 Leaves = dict[tuple[str, ...], np.ndarray]
 _SUPPORTED_MODELS = ('ncsnpp', 'ddpm')
@@ -215,16 +229,18 @@ def _check_complete(params: dict, shapes: dict) -> None:
     raise ValueError(f'the checkpoint lacks parameters the model needs: {missing[:10]}')
 
 
-def load_score_sde_pytorch(path: str | os.PathLike, config: ml_collections.ConfigDict,
-                           ema: bool = True) -> Variables:
-  """Flax variables ``{'params': ...}`` for ``create_model(config)`` from a score_sde_pytorch checkpoint.
+class _Opened(NamedTuple):
+  """A .pth file read once and its raw weights mapped: what the EMA weights and Adam moments map through."""
+  checkpoint: dict  # the file's top-level dict ({} for a bare state dict)
+  state_dict: dict[str, np.ndarray]  # prefix-free
+  modules: list[tuple[str, str]]
+  shapes: dict
+  params: dict  # raw weights in our layout
+  frozen: set[str]
 
-  Args:
-    path: a ``.pth`` file written by the reference's ``save_checkpoint`` (or a bare state dict).
-    config: the experiment config the checkpoint was trained with (its ``model`` and ``data`` groups);
-      its noise schedule must match the ``sigmas`` stored in the file.
-    ema: use the EMA weights (what the reference samples and evaluates with); else the raw weights.
-  """
+
+def _open(path: str | os.PathLike, config: ml_collections.ConfigDict) -> _Opened:
+  """Reads ``path`` (once) and maps its raw weights onto the model ``config`` builds."""
   name = config.model.name
   if name not in _SUPPORTED_MODELS:
     raise ValueError(f'importing PyTorch checkpoints supports config.model.name in {_SUPPORTED_MODELS}, '
@@ -240,21 +256,159 @@ def load_score_sde_pytorch(path: str | os.PathLike, config: ml_collections.Confi
   shapes, modules = _abstract_init(utils.create_model(config))
   params, frozen = _map_state_dict(state_dict, modules, shapes)
   _check_complete(params, shapes)
+  return _Opened(checkpoint, state_dict, modules, shapes, params, frozen)
 
-  if ema:
-    if 'ema' not in checkpoint:
-      raise ValueError(f'{path} has no EMA weights; load it with ema=False.')
-    trainable = [key for key in state_dict if key not in _BUFFERS and key not in frozen]
-    shadow = checkpoint['ema']['shadow_params']
-    if len(shadow) != len(trainable):
-      raise ValueError(f'{path}: {len(shadow)} EMA shadow parameters for {len(trainable)} trainable ones.')
-    ema_state = {key: np.asarray(value) for key, value in zip(trainable, shadow)}
-    for key, value in ema_state.items():
-      if value.shape != state_dict[key].shape:
-        raise ValueError(f'{path}: EMA entry for {key} has shape {value.shape}, the parameter '
-                         f'{state_dict[key].shape}.')
-    state_dict = {**state_dict, **ema_state}
-    params, _ = _map_state_dict(state_dict, modules, shapes)
 
+def _ema_params(opened: _Opened, path: str | os.PathLike) -> dict:
+  """The EMA weights in our layout: ``shadow_params`` onto the trainable parameters, the rest raw."""
+  checkpoint, state_dict = opened.checkpoint, opened.state_dict
+  if 'ema' not in checkpoint:
+    raise ValueError(f'{path} has no EMA weights; load it with ema=False.')
+  trainable = [key for key in state_dict if key not in _BUFFERS and key not in opened.frozen]
+  shadow = checkpoint['ema']['shadow_params']
+  if len(shadow) != len(trainable):
+    raise ValueError(f'{path}: {len(shadow)} EMA shadow parameters for {len(trainable)} trainable ones.')
+  ema_state = {key: np.asarray(value) for key, value in zip(trainable, shadow)}
+  for key, value in ema_state.items():
+    if value.shape != state_dict[key].shape:
+      raise ValueError(f'{path}: EMA entry for {key} has shape {value.shape}, the parameter '
+                       f'{state_dict[key].shape}.')
+  params, _ = _map_state_dict({**state_dict, **ema_state}, opened.modules, opened.shapes)
+  return params
+
+
+def _as_f32(tree: dict) -> dict:
+  return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
+
+
+def _adam_settings(optimizer: dict, path: str | os.PathLike) -> list[int] | None:
+  """The parameter indices ``param_groups`` lists (None without param_groups), after refusing settings
+  whose state or update optax's Adam does not reproduce."""
+  groups = optimizer.get('param_groups')
+  if groups is None:
+    return None
+  if not isinstance(groups, (list, tuple)):
+    raise ValueError(f'{path}: optimizer/param_groups is {type(groups).__name__}, not a list: not a torch '
+                     'optimizer state_dict.')
+  indices: list[int] = []
+  for g, group in enumerate(groups):
+    if not isinstance(group, dict) or 'params' not in group:
+      raise ValueError(f'{path}: optimizer/param_groups[{g}] has no "params": not a torch optimizer '
+                       'state_dict.')
+    unsupported = []
+    if group.get('amsgrad', False):
+      unsupported.append('amsgrad=True (optax.adam keeps no max_exp_avg_sq)')
+    if group.get('maximize', False):
+      unsupported.append('maximize=True (its moments are of the negated gradient)')
+    if float(group.get('weight_decay', 0) or 0) != 0 and not group.get('decoupled_weight_decay', False):
+      unsupported.append(f'weight_decay={group["weight_decay"]} (torch Adam adds it to the gradient, so '
+                         'its moments include that L2 term; our config.optim.weight_decay is decoupled, '
+                         'as in flax.optim.Adam/AdamW, and training on would not continue that run)')
+    if unsupported:
+      raise ValueError(f'{path}: its Adam (optimizer/param_groups[{g}]) has ' + '; '.join(unsupported)
+                       + ': these moments cannot be imported into our optax Adam.')
+    indices.extend(int(i) for i in group['params'])
+  return indices
+
+
+def _adam_moments(opened: _Opened, path: str | os.PathLike) -> tuple[dict, dict, int] | None:
+  """torch Adam's (``exp_avg``, ``exp_avg_sq``, ``step``) as optax's (``mu``, ``nu``, ``count``) in our
+  layout, or None when the file has no optimizer state.
+
+  The state is indexed by position in ``model.parameters()``, which is the state dict's order without
+  its buffers (frozen parameters included: torch keeps no state for them, as they get no gradient, and
+  their moments are zero). Each moment goes through the same mapping (module pairing, transposes) as
+  the weight it belongs to. torch's Adam and optax's update identically from these: m̂ = m/(1-β₁ᵗ),
+  v̂ = v/(1-β₂ᵗ), update = lr·m̂/(√v̂ + ε), with torch's per-parameter ``step`` = t = optax's ``count``
+  (both count the update being made before bias-correcting), so one ``count`` needs every
+  parameter's ``step`` to agree.
+  """
+  optimizer = opened.checkpoint.get('optimizer')
+  if not isinstance(optimizer, dict) or not optimizer.get('state'):
+    return None
+  state = optimizer['state']
+  if not isinstance(state, dict):
+    raise ValueError(f'{path}: optimizer/state is {type(state).__name__}, not a dict: not a torch '
+                     'optimizer state_dict.')
+  keys = [key for key in opened.state_dict if key not in _BUFFERS]  # model.parameters() order
+  listed = _adam_settings(optimizer, path)
+  if listed is not None and sorted(listed) != list(range(len(keys))):
+    raise ValueError(f'{path}: the optimizer\'s param_groups list {len(listed)} parameter indices '
+                     f'({len(set(listed))} distinct, from {min(listed, default=0)} to '
+                     f'{max(listed, default=-1)}); the model\'s state dict has {len(keys)} parameters '
+                     f'(indices 0 to {len(keys) - 1}): the optimizer state does not belong to these weights.')
+  first: dict[str, np.ndarray] = {}
+  second: dict[str, np.ndarray] = {}
+  steps: dict[int, list[int]] = {}
+  for index, entry in sorted(state.items(), key=lambda item: int(item[0])):
+    index = int(index)
+    if not 0 <= index < len(keys):
+      raise ValueError(f'{path}: optimizer/state has an entry for parameter index {index}, but the '
+                       f'model\'s state dict has {len(keys)} parameters (indices 0 to {len(keys) - 1}): '
+                       'the optimizer state does not belong to these weights.')
+    key = keys[index]
+    if not isinstance(entry, dict) or not {'exp_avg', 'exp_avg_sq'} <= set(entry):
+      found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+      raise ValueError(f'{path}: optimizer/state[{index}] ({key}) holds {found}, not Adam\'s exp_avg and '
+                       'exp_avg_sq: only torch.optim.Adam states can be imported.')
+    extra = sorted(set(entry) - {'exp_avg', 'exp_avg_sq', 'step'})
+    if extra:
+      raise ValueError(f'{path}: optimizer/state[{index}] ({key}) also holds {extra} (amsgrad?), which '
+                       'optax\'s Adam has no place for.')
+    want = np.shape(opened.state_dict[key])
+    for name, target in (('exp_avg', first), ('exp_avg_sq', second)):
+      value = np.asarray(entry[name])
+      if not np.issubdtype(value.dtype, np.floating):
+        raise ValueError(f'{path}: optimizer/state[{index}][{name!r}] ({key}) has dtype {value.dtype}.')
+      if value.shape != want:
+        raise ValueError(f'{path}: optimizer/state[{index}][{name!r}] has shape {value.shape}, but '
+                         f'parameter {index} ({key}) has shape {want}: the optimizer state does not '
+                         'belong to these weights.')
+      target[key] = value
+    step = np.asarray(entry.get('step', -1), np.float64)
+    if step.shape != () or not np.isfinite(step) or step < 0 or step != np.floor(step):
+      raise ValueError(f'{path}: optimizer/state[{index}] ({key}) has step {entry.get("step")!r}, not a '
+                       'count of updates.')
+    steps.setdefault(int(step), []).append(index)
+  if len(steps) != 1:
+    found = ', '.join(f'{s} (parameters {v[:3]}{"..." if len(v) > 3 else ""})'
+                      for s, v in sorted(steps.items()))
+    raise ValueError(f'{path}: its Adam state counts different numbers of updates per parameter: {found}; '
+                     'optax\'s Adam has one count for all.')
+  missing = [key for key in keys if key not in first and key not in opened.frozen]
+  if missing:
+    logging.warning('%s: the optimizer state has no moments for %d trainable parameters (%s...); they start '
+                    'at zero.', path, len(missing), ', '.join(missing[:3]))
+  zeros = {key: np.zeros_like(np.asarray(opened.state_dict[key]), np.float32) for key in keys}
+  mapped = []
+  for moments in (first, second):
+    tree, _ = _map_state_dict({**zeros, **moments}, opened.modules, opened.shapes)
+    mapped.append(_as_f32(tree))
+  return mapped[0], mapped[1], next(iter(steps))
+
+
+def read_score_sde_pytorch(path: str | os.PathLike, config: ml_collections.ConfigDict) -> released.Released:
+  """The whole training state of a score_sde_pytorch ``.pth`` in our layout, from one read of the file:
+  raw and EMA weights, step, and torch Adam's moments as optax's (``_adam_moments``), for
+  ``checkpointing.import_checkpoint``. The file holds no PRNG key."""
+  opened = _open(path, config)
+  step = opened.checkpoint.get('step', 0)
+  return released.Released(params=_as_f32(opened.params), params_ema=_as_f32(_ema_params(opened, path)),
+                           step=int(np.asarray(step)), adam=_adam_moments(opened, path), rng=None,
+                           format=FORMAT)
+
+
+def load_score_sde_pytorch(path: str | os.PathLike, config: ml_collections.ConfigDict,
+                           ema: bool = True) -> Variables:
+  """Flax variables ``{'params': ...}`` for ``create_model(config)`` from a score_sde_pytorch checkpoint.
+
+  Args:
+    path: a ``.pth`` file written by the reference's ``save_checkpoint`` (or a bare state dict).
+    config: the experiment config the checkpoint was trained with (its ``model`` and ``data`` groups);
+      its noise schedule must match the ``sigmas`` stored in the file.
+    ema: use the EMA weights (what the reference samples and evaluates with); else the raw weights.
+  """
+  opened = _open(path, config)
+  params = _ema_params(opened, path) if ema else opened.params
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   return {'params': params}
