@@ -19,6 +19,10 @@ Pixel values (uniform dequantization: Uria et al. 2013; Theis et al. 2016): an i
 ``x / (L-1)`` in [0, 1], or, with uniform dequantization, to ``(x + u) / L`` with u ~ U[0, 1), a value in
 ``[x/L, (x+1)/L)``. The reference hard-codes L = 256.
 
+User arrays (``data.dataset='arrays'``, .npy/.npz under ``config.data.path``) are float32 examples of any
+channel count, used as they are (no quantisation, no scaling); ``config.data.holdout_fraction`` of them
+(a fixed permutation) form the held-out 'test' split, e.g. for calibrating an anomaly detector.
+
 The toy 2-D distributions are sampled freshly for each batch from a generator keyed by (seed, step).
 """
 
@@ -45,8 +49,14 @@ TOY_DATASETS = ('gmm', 'checkerboard', 'swissroll', 'moons')
 # Our dataset name (lower case) -> TFDS name, as in the reference.
 TFDS_NAMES = {'cifar10': 'cifar10', 'svhn': 'svhn_cropped', 'celeba': 'celeb_a', 'lsun': 'lsun'}
 IMAGE_DATASETS = ('digits', 'folder') + tuple(TFDS_NAMES)
-DATASETS = IMAGE_DATASETS + TOY_DATASETS
+# User arrays (.npy / .npz: float latents or images of any channel count, read as they are, no
+# quantisation); a fixed fraction (config.data.holdout_fraction) is held out as the 'test' split.
+ARRAY_DATASETS = ('arrays',)
+ARRAY_EXTENSIONS = ('.npy', '.npz')
+DATASETS = IMAGE_DATASETS + ARRAY_DATASETS + TOY_DATASETS
 SPLITS = ('train', 'test')
+# Datasets whose batches can carry class labels (config.data.labels): digits and the labelled TFDS sets.
+LABELLED_DATASETS = ('digits', 'cifar10', 'svhn')
 
 DIGITS_SIZE = 8
 DIGITS_NUM_LEVELS = 17
@@ -90,7 +100,7 @@ def validate_data_config(config, process_count: int | None = None) -> None:
   if name not in DATASETS:
     raise ValueError(
         f'config.data.dataset={config.data.dataset!r} is not a known dataset; choose one of '
-        f'CIFAR10, SVHN, CELEBA, LSUN, digits, folder, {", ".join(TOY_DATASETS)} (case-insensitive). '
+        f'CIFAR10, SVHN, CELEBA, LSUN, digits, folder, arrays, {", ".join(TOY_DATASETS)} (case-insensitive). '
         'For other image collections (e.g. FFHQ, CelebA-HQ) export the images as PNG/JPEG files and '
         "use data.dataset='folder' with data.path=DIR.")
   if process_count is None:
@@ -105,6 +115,9 @@ def validate_data_config(config, process_count: int | None = None) -> None:
   workers = config.data.num_workers
   if not _is_int(workers) or workers < 0:
     raise ValueError(f'config.data.num_workers={workers!r} must be an integer >= 0 (0 = min(8, CPU count)).')
+  if config.data.labels and name not in LABELLED_DATASETS:
+    raise ValueError(f'config.data.labels=True, but {config.data.dataset!r} has no class labels here; '
+                     f'labelled datasets: {", ".join(LABELLED_DATASETS)}.')
   if name in TOY_DATASETS:
     dim = config.data.dim
     if not _is_int(dim) or dim <= 0:
@@ -112,6 +125,9 @@ def validate_data_config(config, process_count: int | None = None) -> None:
     if name != 'gmm' and dim != 2:
       raise ValueError(f"config.data.dim={dim}: the {name!r} toy distribution is 2-D; set "
                        "--config.data.dim=2 (only 'gmm' works in any dimension).")
+    return
+  if name in ARRAY_DATASETS:
+    _validate_arrays_config(config)
     return
   size, channels, levels = config.data.image_size, config.data.num_channels, config.data.num_levels
   if not _is_int(size) or size <= 0:
@@ -212,12 +228,16 @@ def _tfds_preprocess(name: str, size: int) -> Callable[[np.ndarray], np.ndarray]
 
 
 class ArraySource:
-  """An in-memory uint8 array (N, H, W, C)."""
+  """An in-memory uint8 array (N, H, W, C), and its class labels (N,) where the dataset has them."""
 
   parallel = False
 
-  def __init__(self, images: np.ndarray):
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
     self.images = images
+    self.labels = labels
+
+  def load_labels(self, indices: np.ndarray) -> np.ndarray:
+    return np.asarray(self.labels[indices], np.int32)
 
   def __len__(self) -> int:
     return len(self.images)
@@ -232,8 +252,12 @@ class _ItemSource:
 
   parallel = True
 
-  def __init__(self, length: int, get: Callable[[int], np.ndarray]):
-    self._length, self.get = length, get
+  def __init__(self, length: int, get: Callable[[int], np.ndarray],
+               get_label: Callable[[int], int] | None = None):
+    self._length, self.get, self.get_label = length, get, get_label
+
+  def load_labels(self, indices: np.ndarray) -> np.ndarray:
+    return np.array([self.get_label(int(i)) for i in indices], np.int32)
 
   def __len__(self) -> int:
     return self._length
@@ -250,6 +274,12 @@ def _digits_raw() -> np.ndarray:
   images = sk_datasets.load_digits().images.astype(np.uint8)  # (1797, 8, 8), values 0..16
   images.setflags(write=False)
   return images
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_labels() -> np.ndarray:
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top  (slow import)
+  return sk_datasets.load_digits().target.astype(np.int32)  # (1797,), 0..9
 
 
 def digits_split_indices(split: str) -> np.ndarray:
@@ -314,6 +344,89 @@ def folder_split_files(config, split: str) -> list[pathlib.Path]:
   return [files[i] for i in np.sort(chosen)]
 
 
+def _validate_arrays_config(config) -> None:
+  size, channels = config.data.image_size, config.data.num_channels
+  if not _is_int(size) or size <= 0:
+    raise ValueError(f'config.data.image_size={size!r} must be a positive integer (arrays are H = W = '
+                     'image_size).')
+  if not _is_int(channels) or channels <= 0:
+    raise ValueError(f'config.data.num_channels={channels!r} must be a positive integer.')
+  for key in ('uniform_dequantization', 'centered'):
+    if config.data[key]:
+      raise ValueError(f"config.data.{key}=True: data.dataset='arrays' holds continuous values, used as "
+                       f'they are (no dequantization, no rescaling); set --config.data.{key}=False.')
+  fraction = config.data.holdout_fraction
+  if not 0 < float(fraction) < 1:
+    raise ValueError(f'config.data.holdout_fraction={fraction!r} must lie in (0, 1).')
+
+
+def array_files(path: str) -> list[pathlib.Path]:
+  """``path`` itself (a .npy or .npz file) or the sorted .npy/.npz files under it (recursive)."""
+  if not path:
+    raise ValueError("config.data.path is required for data.dataset='arrays': a .npy/.npz file or a "
+                     'directory of them.')
+  root = pathlib.Path(os.path.expanduser(str(path)))
+  if root.is_file() and root.suffix.lower() in ARRAY_EXTENSIONS:
+    return [root]
+  if not root.is_dir():
+    raise ValueError(f'{str(path)!r} is neither a .npy/.npz file nor a directory.')
+  files = sorted(p for p in root.rglob('*') if p.suffix.lower() in ARRAY_EXTENSIONS and p.is_file())
+  if not files:
+    raise ValueError(f'{str(path)!r} holds no .npy/.npz files (searched recursively).')
+  return files
+
+
+def read_arrays(path: str) -> list[tuple[str, np.ndarray]]:
+  """(name, float32 (N, ...)) for each .npy file and each array of each .npz file under ``path``, in
+  order; a name is the file's path relative to ``path`` (``file.npz:key`` for .npz arrays). An array of
+  rank 3 is one example (H, W, C) and becomes (1, H, W, C)."""
+  root = pathlib.Path(os.path.expanduser(str(path)))
+  out = []
+  for file in array_files(path):
+    name = file.name if root.is_file() else str(file.relative_to(root))
+    if file.suffix.lower() == '.npy':
+      items = [(name, np.load(file, allow_pickle=False))]
+    else:
+      with np.load(file, allow_pickle=False) as loaded:
+        items = [(f'{name}:{key}', loaded[key]) for key in loaded.files]
+    for item_name, array in items:
+      array = np.asarray(array, np.float32)
+      out.append((item_name, array[None] if array.ndim == 3 else array))
+  return out
+
+
+@functools.lru_cache(maxsize=2)
+def _arrays_all(path: str, shape: tuple[int, ...]) -> np.ndarray:
+  """Every example under ``path`` (read-only float32 (N, *shape)); raises on a shape mismatch and on
+  non-finite values (training and calibration data must be clean)."""
+  parts = []
+  for name, array in read_arrays(path):
+    if array.shape[1:] != shape:
+      raise ValueError(f'{name} holds examples of shape {array.shape[1:]}; config.data.image_size and '
+                       f'num_channels ask for {shape} (arrays are (N, H, W, C), H = W = image_size).')
+    bad = int(np.sum(~np.isfinite(array)))
+    if bad:
+      raise ValueError(f'{name} holds {bad} non-finite values; data.dataset=\'arrays\' trains and '
+                       'calibrates on clean data only.')
+    parts.append(array)
+  data = np.concatenate(parts)
+  data.setflags(write=False)
+  return data
+
+
+def arrays_split_indices(n: int, fraction: float, split: str) -> np.ndarray:
+  """Sorted indices of the split among n examples: a fixed permutation (constant seed) puts
+  round(fraction n) (at least one when n >= 2) in 'test'."""
+  num_test = max(1, round(fraction * n)) if n >= 2 else 0
+  perm = np.random.default_rng([SPLIT_SEED, _TAG_SPLIT]).permutation(n)
+  return np.sort(perm[n - num_test:] if split == 'test' else perm[:n - num_test])
+
+
+def _arrays_split(config, split: str) -> np.ndarray:
+  data = _arrays_all(str(config.data.path), data_shape(config))
+  return data[arrays_split_indices(len(data), float(config.data.holdout_fraction), split)]
+
+
 def _read_image(path: pathlib.Path, size: int, channels: int) -> np.ndarray:
   with Image.open(path) as pil:
     pil = ImageOps.exif_transpose(pil).convert('L' if channels == 1 else 'RGB')
@@ -349,15 +462,19 @@ def get_source(config, split: str) -> ArraySource | _ItemSource:
   name = dataset_name(config)
   size, channels = config.data.image_size, config.data.num_channels
   if name == 'digits':
-    images = _digits_raw()[digits_split_indices(split)]
-    return ArraySource(layout_digits(images, size, _digits_layout(config)))
+    indices = digits_split_indices(split)
+    return ArraySource(layout_digits(_digits_raw()[indices], size, _digits_layout(config)),
+                       _digits_labels()[indices])
+  if name in ARRAY_DATASETS:
+    return ArraySource(_arrays_split(config, split))
   if name == 'folder':
     files = folder_split_files(config, split)
     return _ItemSource(len(files), lambda i: _read_image(files[i], size, channels))
   source = _tfds_source(config, split)
   preprocess = _tfds_preprocess(name, size)
   # One index at a time: the batched __getitems__ of tfds's mock sources fails.
-  return _ItemSource(len(source), lambda i: preprocess(source[i]['image']))
+  return _ItemSource(len(source), lambda i: preprocess(source[i]['image']),
+                     lambda i: int(source[i]['label']))
 
 
 def num_examples(config, split: str) -> int:
@@ -371,6 +488,8 @@ def num_examples(config, split: str) -> int:
     return len(digits_split_indices(split))
   if name == 'folder':
     return len(folder_split_files(config, split))
+  if name in ARRAY_DATASETS:
+    return len(_arrays_split(config, split))
   return len(_tfds_source(config, split))
 
 
@@ -394,9 +513,10 @@ def to_unit_interval(images: np.ndarray, num_levels: int, noise: np.ndarray | No
 
 def _finish(images: np.ndarray, row_keys: Sequence[Sequence[int]], flip: bool, dequantize: bool,
             num_levels: int) -> np.ndarray:
-  """Flips and dequantizes each row with its own generator (keyed by ``row_keys``), then scales."""
+  """Flips and dequantizes each row with its own generator (keyed by ``row_keys``), then scales.
+  Float rows (data.dataset='arrays') are only flipped."""
   if not (flip or dequantize):
-    return to_unit_interval(images, num_levels)
+    return images.astype(np.float32) if _is_float(images) else to_unit_interval(images, num_levels)
   noise = np.empty(images.shape, np.float64) if dequantize else None
   images = images.copy() if flip else images
   for r, key in enumerate(row_keys):
@@ -406,7 +526,11 @@ def _finish(images: np.ndarray, row_keys: Sequence[Sequence[int]], flip: bool, d
       images[r] = images[r, :, ::-1]
     if dequantize:
       noise[r] = rng.random(images.shape[1:])
-  return to_unit_interval(images, num_levels, noise)
+  return images.astype(np.float32) if _is_float(images) else to_unit_interval(images, num_levels, noise)
+
+
+def _is_float(images: np.ndarray) -> bool:
+  return np.issubdtype(images.dtype, np.floating)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -522,7 +646,8 @@ def get_train_iterator(config, start_step: int = 0, *, process_index: int | None
                        process_count: int | None = None) -> Iterator[Batch]:
   """Infinite iterator of this process's training batches, starting with global batch ``start_step``.
 
-  Yields ``{'image': float32 (B / P, *data_shape(config))}``, images in [0, 1] (dequantized when
+  Yields ``{'image': float32 (B / P, *data_shape(config))}`` (and ``'label'``, int32 (B / P,), when
+  ``config.data.labels``), images in [0, 1] (dequantized when
   ``config.data.uniform_dequantization``, left-right flipped with probability 1/2 when
   ``config.data.random_flip``), toy data as raw coordinates. Batch k depends only on (config, k): pass the
   number of batches already consumed (the train state's step) as ``start_step`` to resume exactly.
@@ -556,7 +681,10 @@ def get_train_iterator(config, start_step: int = 0, *, process_index: int | None
     positions = train_positions(config, step, pidx, pcount)
     images = source.load(train_indices(config, positions, n), pool)
     keys = [(seed, _TAG_TRAIN_ROW, int(q)) for q in positions]
-    return {'image': _finish(images, keys, flip, dequantize, config.data.num_levels)}
+    batch = {'image': _finish(images, keys, flip, dequantize, config.data.num_levels)}
+    if config.data.labels:
+      batch['label'] = source.load_labels(train_indices(config, positions, n))
+    return batch
   return _prefetched(make, itertools.count(start_step), source.parallel)
 
 
@@ -566,8 +694,9 @@ def get_eval_iterator(config, split: str = 'test', uniform_dequantization: bool 
   """One pass over ``split`` ('train' or 'test': the dataset's held-out split) without flips.
 
   Yields ``ceil(N / config.eval.batch_size)`` batches ``{'image': float32 (B / P, ...), 'mask': bool
-  (B / P,)}``; the global batch j holds examples ``[j B, (j+1) B)`` in the split's order, each process
-  its contiguous block, the rows past the end zero images with ``mask=False``. Every process yields the
+  (B / P,)}`` (and ``'label'``, int32, when ``config.data.labels``); the global batch j holds examples
+  ``[j B, (j+1) B)`` in the split's order, each process its contiguous block, the rows past the end zero
+  images (label 0) with ``mask=False``. Every process yields the
   same number of batches. The dequantization noise of an example is fixed by (config.seed, split,
   ``repeat``, index): pass a different ``repeat`` for each repeated bits/dim pass. Toy datasets give a
   fixed sample of TOY_EVAL_SIZE points per split (drawn with SPLIT_SEED, not config.seed).
@@ -606,5 +735,9 @@ def get_eval_iterator(config, split: str = 'test', uniform_dequantization: bool 
     image = np.zeros((local,) + example_shape, np.float32)
     if values is not None:
       image[:len(valid)] = values
-    return {'image': image, 'mask': mask}
+    batch = {'image': image, 'mask': mask}
+    if config.data.labels:
+      batch['label'] = np.zeros((local,), np.int32)
+      batch['label'][:len(valid)] = source.load_labels(valid)
+    return batch
   return _prefetched(make, iter(range(math.ceil(n / global_batch))), source.parallel)

@@ -4,7 +4,8 @@ Objectives (all return per-example losses of shape (B,); callers average):
 
 - ``sde_loss``: continuous denoising score matching (Song et al. 2021, eq. 7), t ~ U(eps, T),
   λ(t) = σ_t² (the paper's default) or the likelihood weighting λ(t) = g(t)² (Song, Durkan, Murray,
-  Ermon 2021, "Maximum Likelihood Training of Score-Based Diffusion Models", Thm. 1).
+  Ermon 2021, "Maximum Likelihood Training of Score-Based Diffusion Models", Thm. 1), optionally with
+  t importance-sampled ∝ g²/σ² (their Sec. 5.1; ``likelihood_weighting.py``).
 - ``smld_loss``: the discrete NCSN objective over the N noise levels of a VE SDE (Song & Ermon 2019).
 - ``ddpm_loss``: the discrete DDPM ε-prediction objective over the N steps of a VP SDE (Ho et al. 2020).
 - ``ssm_loss``: sliced score matching (Song, Garg, Shi, Ermon 2019), optionally with variance
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from scoresde import likelihood_weighting as likelihood_weighting_lib
 from scoresde import sde_lib
 from scoresde.models import utils as mutils
 
@@ -47,20 +49,38 @@ def _reduce(x: Array, reduce_mean: bool) -> Array:
 
 
 def sde_loss(rng: Array, score_fn: sde_lib.ScoreFn, sde: sde_lib.SDE, x: Array, *,
-             reduce_mean: bool = True, likelihood_weighting: bool = False, eps: float = 1e-5) -> Array:
+             reduce_mean: bool = True, likelihood_weighting: bool = False, eps: float = 1e-5,
+             times: Array | None = None, unit_weighting: bool = False,
+             importance_sampling: bool = False) -> Array:
   """Continuous DSM: λ(t) E‖s(x_t, t) − ∇ log p_0t(x_t | x_0)‖², t ~ U(eps, T), per example.
 
-  With λ = σ² this is ‖σ s + z‖² (x_t = a x_0 + σ z); with λ = g², ‖s + z/σ‖² g².
+  With λ = σ² this is ‖σ s + z‖² (x_t = a x_0 + σ z); with λ = g², ‖s + z/σ‖² g²; with
+  ``unit_weighting`` (λ = 1), ‖s + z/σ‖². ``times`` (n,): draw t uniformly among these instead (the
+  anomaly detector's discrete noise levels, ``SDE.noise_level_time``). ``importance_sampling`` (with
+  ``likelihood_weighting``): t ~ q(t) ∝ g²/σ² and the loss ‖σ s + z‖² Z/(T − eps), an unbiased estimate
+  of the likelihood-weighted loss with less variance (Song, Durkan, Murray, Ermon 2021, Sec. 5.1;
+  ``likelihood_weighting.importance_time``).
   """
+  if importance_sampling and not likelihood_weighting:
+    raise ValueError('importance_sampling samples t for the likelihood weighting: it needs '
+                     'likelihood_weighting=True (config.training.likelihood_weighting).')
   rng_t, rng_z = jax.random.split(rng)
-  t = jax.random.uniform(rng_t, (x.shape[0],), minval=eps, maxval=sde.T)
+  if importance_sampling:
+    t = likelihood_weighting_lib.importance_time(rng_t, sde, (x.shape[0],), eps)
+  elif times is None:
+    t = jax.random.uniform(rng_t, (x.shape[0],), minval=eps, maxval=sde.T)
+  else:
+    t = jnp.asarray(times, jnp.float32)[jax.random.randint(rng_t, (x.shape[0],), 0, len(times))]
   z = jax.random.normal(rng_z, x.shape)
   mean, std = sde.marginal_prob(x, t)
   perturbed = mean + sde_lib.batch_mul(std, z)
   score = score_fn(perturbed, t)
-  if likelihood_weighting:
-    g2 = sde.sde(jnp.zeros_like(x), t)[1]**2
-    return _reduce(jnp.square(score + sde_lib.batch_mul(1. / std, z)), reduce_mean) * g2
+  if importance_sampling:
+    scale = likelihood_weighting_lib.importance_normalizer(sde, eps) / (sde.T - eps)
+    return _reduce(jnp.square(sde_lib.batch_mul(std, score) + z), reduce_mean) * scale
+  if likelihood_weighting or unit_weighting:
+    weight = sde.sde(jnp.zeros_like(x), t)[1]**2 if likelihood_weighting else 1.
+    return _reduce(jnp.square(score + sde_lib.batch_mul(1. / std, z)), reduce_mean) * weight
   return _reduce(jnp.square(sde_lib.batch_mul(std, score) + z), reduce_mean)
 
 
@@ -127,6 +147,11 @@ def check_objective(config) -> None:
   """Raises for the combinations the paper rules out, naming the config keys."""
   training = config.training
   sde_name = str(training.sde).lower()
+  if training.importance_sampling and not (training.continuous and training.likelihood_weighting
+                                           and not training.sliced_score_matching):
+    raise ValueError('config.training.importance_sampling=True samples t for the likelihood-weighted DSM '
+                     'loss: it needs config.training.continuous=True, likelihood_weighting=True and '
+                     'sliced_score_matching=False.')
   if training.continuous:
     return
   if training.sliced_score_matching:
@@ -142,14 +167,30 @@ def check_objective(config) -> None:
                      "choose 'vesde' (SMLD) or 'vpsde' (DDPM).")
 
 
+def check_dsm_levels(config) -> None:
+  """Raises unless ``training.dsm_sigmas`` / ``dsm_unit_weighting`` (the anomaly detector's DSM) go with
+  plain continuous DSM, and every level is reached by the SDE."""
+  training = config.training
+  if not (training.dsm_sigmas or training.dsm_unit_weighting):
+    return
+  if not training.continuous or training.sliced_score_matching or training.likelihood_weighting:
+    raise ValueError('config.training.dsm_sigmas / dsm_unit_weighting choose the noise levels and weighting '
+                     'of continuous DSM: they need config.training.continuous=True, '
+                     'sliced_score_matching=False and likelihood_weighting=False.')
+  if training.dsm_sigmas:
+    sde_lib.get_sde(config).noise_level_time(list(training.dsm_sigmas))
+
+
 def get_loss_fn(config, sde: sde_lib.SDE, model, train: bool) -> LossFn:
   """``loss_fn(rng, params, x) -> (B,)`` for the configured objective and network.
 
   In training mode ``rng`` also drives dropout. ``x`` is already scaled (``datasets.get_data_scaler``).
   """
   check_objective(config)
+  check_dsm_levels(config)
   training = config.training
   reduce_mean = bool(training.reduce_mean)
+  times = sde.noise_level_time(list(training.dsm_sigmas)) if training.dsm_sigmas else None
 
   def loss_fn(rng: Array, params: PyTree, x: Array) -> Array:
     rng, dropout_rng = jax.random.split(rng)
@@ -165,7 +206,9 @@ def get_loss_fn(config, sde: sde_lib.SDE, model, train: bool) -> LossFn:
                       variance_reduction=bool(training.ssm_variance_reduction),
                       n_projections=int(training.ssm_n_projections), eps=training.eps)
     return sde_loss(rng, score_fn, sde, x, reduce_mean=reduce_mean,
-                    likelihood_weighting=bool(training.likelihood_weighting), eps=training.eps)
+                    likelihood_weighting=bool(training.likelihood_weighting), eps=training.eps,
+                    times=times, unit_weighting=bool(training.dsm_unit_weighting),
+                    importance_sampling=bool(training.importance_sampling))
   return loss_fn
 
 

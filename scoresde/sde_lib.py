@@ -77,6 +77,33 @@ class SDE(abc.ABC):
   def prior_logp(self, z: Array) -> Array:
     """log p_T(z), summed over all but the batch dimension: (B,)."""
 
+  def noise_level_time(self, sigma) -> np.ndarray:
+    """t_σ, float64 like ``sigma``: the time at which the kernel's noise-to-signal ratio s(t)/a(t) is σ.
+
+    x(t) = a(t) (x(0) + (s/a) z), so at t_σ the SDE's x(t) is a(t) times the data perturbed by σ z in
+    data units (for VE, a = 1 and s = σ(t)). Raises ValueError naming σ when it lies outside what
+    [0, T] reaches.
+    """
+    sigma = np.asarray(sigma, np.float64)
+    if np.any(~np.isfinite(sigma)) or np.any(sigma <= 0):
+      raise ValueError(f'noise levels must be positive and finite, got {sigma.tolist()}.')
+    t = self._noise_level_time(sigma)
+    outside = (t < -1e-6 * self.T) | (t > self.T * (1 + 1e-6))
+    if np.any(outside):
+      raise ValueError(f'noise level(s) {np.atleast_1d(sigma)[np.atleast_1d(outside)].tolist()} '
+                       f'are not reached by {type(self).__name__} on [0, {self.T}]: its noise-to-signal '
+                       f'ratio runs from {self.noise_to_signal(0.):.4g} to {self.noise_to_signal(self.T):.4g}.')
+    return np.clip(t, 0., self.T)
+
+  def noise_to_signal(self, t: float) -> float:
+    """s(t)/a(t) at one time t (host float)."""
+    with jax.ensure_compile_time_eval():  # also when called while tracing
+      scale, std = self.marginal_coeffs(jnp.full((1,), t, jnp.float32))
+      return float(std[0] / scale[0])
+
+  def _noise_level_time(self, sigma: np.ndarray) -> np.ndarray:
+    raise NotImplementedError(f'{type(self).__name__} does not invert its noise level.')
+
   def discrete_time(self, t: Array) -> Array:
     """t (N-1) / T, (B,) float: where t lies on the grid of the N discrete steps."""
     return t * (self.N - 1) / self.T
@@ -153,6 +180,18 @@ class _LinearBetaSDE(SDE):
     """L(t) = -∫_0^t β(s) ds / 2 = -t²(β₁-β₀)/4 - tβ₀/2 (eq. 29)."""
     return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
 
+  def _neg_log_mean_at(self, sigma: np.ndarray) -> np.ndarray:
+    """-L(t_σ), where s/a = σ (VP: s/a = √(e^{-2L} - 1))."""
+    return 0.5 * np.log1p(sigma**2)
+
+  def _noise_level_time(self, sigma):
+    # -L(t) = t²(β₁-β₀)/4 + tβ₀/2 = c: the positive root of the quadratic.
+    c = self._neg_log_mean_at(sigma)
+    slope = self.beta_1 - self.beta_0
+    if slope == 0:
+      return 2. * c / self.beta_0
+    return (np.sqrt(0.25 * self.beta_0**2 + slope * c) - 0.5 * self.beta_0) / (0.5 * slope)
+
   def discrete_beta(self, index: Array) -> Array:
     """DDPM's β_i = (β₀ + i (β₁-β₀)/(N-1)) / N in closed form, (B,), for a traced step ``index``.
 
@@ -218,6 +257,10 @@ class subVPSDE(_LinearBetaSDE):  # pylint: disable=invalid-name  (the reference'
     discount = -jnp.expm1(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t**2)
     return batch_mul(-0.5 * beta_t, x), jnp.sqrt(beta_t * discount)
 
+  def _neg_log_mean_at(self, sigma):
+    # s/a = e^{-L} - e^{L} = σ: e^{-L} is the positive root of u - 1/u = σ.
+    return np.log(0.5 * (sigma + np.sqrt(sigma**2 + 4.)))
+
   def marginal_coeffs(self, t):
     log_mean = self.log_mean_coeff(t)
     # The std itself is 1 - e^{2L} (eq. 29's variance is its square), not its square root.
@@ -243,6 +286,9 @@ class VESDE(SDE):
 
   def sigma(self, t: Array) -> Array:
     return self.sigma_min * (self.sigma_max / self.sigma_min)**t
+
+  def _noise_level_time(self, sigma):
+    return np.log(sigma / self.sigma_min) / np.log(self.sigma_max / self.sigma_min)
 
   def sde(self, x, t):
     diffusion = self.sigma(t) * np.sqrt(2 * (np.log(self.sigma_max) - np.log(self.sigma_min)))

@@ -1,0 +1,271 @@
+"""Anomaly detection on digits (``--mode=qa``): AUROC and reject rates per corruption (BENCHMARKS.md).
+
+Protocol. The detector (configs/qa/digits.py) is trained on the digits train split (1,497 images) given
+as user arrays (data.dataset='arrays'), which holds out ``--holdout`` of them as the clean calibration
+set; the threshold is their 99.5th percentile. It is then run with ``--mode=qa`` (run_lib.qa_check) on
+the clean digits test split (300 images, never seen) and on corrupted copies of it:
+
+  checkerboard   ± 0.15 alternating-pixel pattern (decoder checkerboard artefacts)
+  collapsed      a 4x4 block set to one constant (its mean)
+  half_mask      the lower half blank (a half-rendered mask)
+  noise_{lo,mid,hi}  additive N(0, s²) noise, s = 0.02, 0.05, 0.1
+  tile_patch     the right half filled by repeating the top-left 2x2 tile (mode-collapse patch)
+  nan_pixels     three pixels NaN
+  strokes        out of distribution: random straight strokes (letter-like), no digits
+  shuffled       out of distribution: each image's pixels permuted
+
+Per corruption: AUROC of each score against the clean test scores, and the reject rate at the calibrated
+threshold; on clean test data the false-reject rate with its binomial standard error. Scores: the recipe's
+single-σ residual (σ = 0.05, K = 8), the multi-σ fused score (sum over σ of residuals standardised on the
+calibration set), and a pixel-space baseline (‖(x - μ) / sd‖², per-pixel mean and std of the train split,
+sd floored at 0.05) thresholded at the same percentile of the same calibration set. Non-finite inputs
+score +inf under every detector (all flag them). Writes ``--out/results.json`` and prints the table.
+
+  python benchmarks/qa.py --workdir=/tmp/qa_bench --n_iters=2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=wrong-import-position
+from scoresde import anomaly
+from scoresde import datasets
+from scoresde import run_lib
+
+NOISE_LEVELS = {'noise_lo': 0.02, 'noise_mid': 0.05, 'noise_hi': 0.1}
+
+
+def digits_split(split: str) -> np.ndarray:
+  """The digits split as float32 (N, 8, 8, 1) in [0, 1], as training sees it."""
+  images = datasets._digits_raw()[datasets.digits_split_indices(split)]  # pylint: disable=protected-access
+  return (images.astype(np.float32) / (datasets.DIGITS_NUM_LEVELS - 1))[..., None]
+
+
+def corruptions(clean: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  n, h, w, _ = clean.shape
+  out = {}
+  board = np.where((np.arange(h)[:, None] + np.arange(w)[None]) % 2 == 0, 0.15, -0.15)[None, ..., None]
+  out['checkerboard'] = clean + board
+  collapsed = clean.copy()
+  for i in range(n):
+    r, c = rng.integers(0, h - 3), rng.integers(0, w - 3)
+    collapsed[i, r:r + 4, c:c + 4] = collapsed[i, r:r + 4, c:c + 4].mean()
+  out['collapsed'] = collapsed
+  half = clean.copy()
+  half[:, h // 2:] = 0.
+  out['half_mask'] = half
+  for name, s in NOISE_LEVELS.items():
+    out[name] = clean + s * rng.standard_normal(clean.shape)
+  tiled = clean.copy()
+  tiled[:, :, w // 2:] = np.tile(clean[:, :2, :2], (1, h // 2, w // 4, 1))
+  out['tile_patch'] = tiled
+  nan = clean.copy()
+  for i in range(n):
+    idx = rng.choice(h * w, 3, replace=False)
+    nan[i].reshape(-1)[idx] = np.nan
+  out['nan_pixels'] = nan
+  strokes = np.zeros_like(clean)
+  for i in range(n):
+    for _ in range(rng.integers(2, 4)):  # 2-3 straight strokes between random border-ish points
+      (r0, c0), (r1, c1) = rng.integers(1, h - 1, (2, 2))
+      for u in np.linspace(0, 1, 12):
+        strokes[i, int(round(r0 + u * (r1 - r0))), int(round(c0 + u * (c1 - c0)))] = 1.
+  out['strokes'] = strokes
+  out['shuffled'] = np.stack([rng.permutation(x.reshape(-1)).reshape(x.shape) for x in clean])
+  return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def auroc(clean: np.ndarray, anomalous: np.ndarray) -> float:
+  """P(anomalous score > clean score) + ½ P(tie) (the Mann-Whitney statistic); +inf ranks top."""
+  clean = np.nan_to_num(np.asarray(clean, np.float64), nan=np.inf)
+  anomalous = np.nan_to_num(np.asarray(anomalous, np.float64), nan=np.inf)
+  greater = (anomalous[:, None] > clean[None]).mean()
+  ties = (anomalous[:, None] == clean[None]).mean()
+  return float(greater + 0.5 * ties)
+
+
+def pixel_z_score(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  flat = x.reshape(len(x), -1).astype(np.float64)
+  z = np.sum(((flat - mean) / std)**2, axis=1)
+  return np.where(np.all(np.isfinite(flat), axis=1), z, np.inf)
+
+
+FIGURE_SETS = ('checkerboard', 'collapsed', 'half_mask', 'tile_patch', 'nan_pixels', 'strokes')
+
+
+def make_figure(workdir: str, out_path: str) -> None:
+  """One rejected input of each of ``FIGURE_SETS``: its ``--mode=qa`` heatmap PNG (input above its
+  residual map), labelled, side by side."""
+  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+  report_dir = os.path.join(workdir, 'detector', 'qa', 'inputs')
+  with open(os.path.join(report_dir, 'report.json'), encoding='utf-8') as f:
+    rows = json.load(f)['inputs']
+  panels = []
+  for name in FIGURE_SETS:
+    row = next((r for r in rows if r['id'].startswith(name + '.npy') and 'heatmap' in r), None)
+    if row is not None:
+      panels.append((name, Image.open(os.path.join(report_dir, row['heatmap'])).convert('RGB')))
+  label_h, gap = 14, 6
+  width = sum(p.width for _, p in panels) + gap * (len(panels) + 1)
+  height = max(p.height for _, p in panels) + label_h + 2 * gap
+  canvas = Image.new('RGB', (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  left = gap
+  for name, panel in panels:
+    draw.text((left, gap // 2), name, fill=(0, 0, 0))
+    canvas.paste(panel, (left, label_h + gap))
+    left += panel.width + gap
+  canvas.save(out_path)
+  print(f'figure: {out_path} ({len(panels)} rejects)')
+
+
+def throughput(batch: int, sigmas: tuple[float, ...], calls: int = 2) -> dict[str, float]:
+  """Inputs per second of the residual at 64x64x4 with configs/qa/latents.py's network (random
+  weights: the cost does not depend on them), ``batch`` inputs per call, K = 8, at ``sigmas``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from configs.qa import latents  # pylint: disable=import-outside-toplevel
+  from scoresde import sde_lib  # pylint: disable=import-outside-toplevel
+  from scoresde.models import utils as mutils  # pylint: disable=import-outside-toplevel
+  config = latents.get_config()
+  sde = sde_lib.get_sde(config)
+  model, variables = mutils.init_model(jax.random.PRNGKey(0), config)
+  score_fn = mutils.network_score_fn(config, sde, model, variables)
+  fn = jax.jit(lambda f, x: anomaly.dsm_residuals(f, sde, x, sigmas, jax.random.PRNGKey(1),
+                                                  int(config.qa.num_draws))['score'])
+  x = np.random.default_rng(0).standard_normal((batch, 64, 64, 4)).astype(np.float32)
+  started = time.time()
+  fn(score_fn, x).block_until_ready()
+  compile_seconds = time.time() - started
+  started = time.time()
+  for _ in range(calls):
+    fn(score_fn, x).block_until_ready()
+  seconds = (time.time() - started) / calls
+  out = {'backend': jax.default_backend(), 'batch': batch, 'sigmas': list(sigmas), 'num_draws': 8,
+         'params': mutils.param_count(variables), 'compile_seconds': round(compile_seconds, 1),
+         'seconds_per_batch': round(seconds, 2), 'inputs_per_second': round(batch / seconds, 2)}
+  print(json.dumps(out))
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', default='/tmp/qa_bench')
+  parser.add_argument('--n_iters', type=int, default=2000)
+  parser.add_argument('--holdout', type=float, default=0.2)
+  parser.add_argument('--unit_weighting', type=int, default=1)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--figure', default='', help='also write the heatmap figure here (e.g. assets/...)')
+  parser.add_argument('--figure_only', action='store_true', help='only (re)make --figure from --workdir')
+  parser.add_argument('--throughput', type=int, default=0,
+                      help='only measure --mode=qa throughput at 64x64x4 with this many inputs per batch')
+  args = parser.parse_args()
+  if args.throughput:
+    throughput(args.throughput, (0.05,))
+    return
+  if args.figure_only:
+    make_figure(args.workdir, args.figure)
+    return
+  from configs.qa import digits  # pylint: disable=import-outside-toplevel
+
+  os.makedirs(args.workdir, exist_ok=True)
+  train = digits_split('train')
+  data_path = os.path.join(args.workdir, 'digits_train.npy')
+  np.save(data_path, train)
+  config = digits.get_config()
+  config.data.dataset = 'arrays'
+  config.data.path = data_path
+  config.data.holdout_fraction = args.holdout
+  config.training.n_iters = args.n_iters
+  config.training.snapshot_freq = args.n_iters
+  config.training.snapshot_freq_for_preemption = min(500, args.n_iters)
+  config.training.eval_freq = min(250, args.n_iters)
+  config.training.dsm_unit_weighting = bool(args.unit_weighting)
+  config.lock()
+
+  started = time.time()
+  run_lib.train(config, os.path.join(args.workdir, 'detector'))
+  train_seconds = time.time() - started
+  workdir = os.path.join(args.workdir, 'detector')
+  calibration = anomaly.load_calibration(os.path.join(workdir, 'qa_calibration.json'))
+
+  rng = np.random.default_rng(args.seed)
+  test = digits_split('test')
+  sets = {'clean': test, **corruptions(test, rng)}
+  input_dir = os.path.join(args.workdir, 'inputs')
+  os.makedirs(input_dir, exist_ok=True)
+  for name, x in sets.items():
+    np.save(os.path.join(input_dir, f'{name}.npy'), x)
+  started = time.time()
+  report = run_lib.qa_check(config, workdir, input_dir)
+  qa_seconds = time.time() - started
+
+  rows = report['inputs']
+  inf = float('inf')
+  by_set = {name: {'single': [], 'fused': [], 'reject': [], 'reject_fused': []} for name in sets}
+  for r in rows:
+    name = r['id'].split('.npy')[0]
+    by_set[name]['single'].append(inf if r['score'] is None else r['score'])
+    by_set[name]['fused'].append(inf if r['fused_score'] is None else r['fused_score'])
+    by_set[name]['reject'].append(r['decision'] == 'reject')
+    fused = r['fused_score']
+    by_set[name]['reject_fused'].append(fused is None or fused > calibration.fused_threshold)
+
+  # Pixel-space baseline, calibrated on the same held-out images.
+  calib_images = train[datasets.arrays_split_indices(len(train), args.holdout, 'test')]
+  fit_images = train[datasets.arrays_split_indices(len(train), args.holdout, 'train')]
+  mean = fit_images.reshape(len(fit_images), -1).mean(0)
+  std = np.maximum(fit_images.reshape(len(fit_images), -1).std(0), 0.05)
+  pixel_threshold = anomaly.threshold_at(pixel_z_score(calib_images, mean, std), calibration.percentile)
+
+  results = {}
+  clean = {k: np.asarray(v, np.float64) for k, v in by_set['clean'].items()}
+  clean_pixel = pixel_z_score(sets['clean'], mean, std)
+  for name, x in sets.items():
+    s = {k: np.asarray(v, np.float64) for k, v in by_set[name].items()}
+    pixel = pixel_z_score(x, mean, std)
+    entry = {'n': len(x),
+             'reject_single': float(s['reject'].mean()), 'reject_fused': float(s['reject_fused'].mean()),
+             'reject_pixel': float(np.mean(pixel > pixel_threshold))}
+    if name == 'clean':
+      for key in ('reject_single', 'reject_fused', 'reject_pixel'):
+        p = entry[key]
+        entry[key + '_se'] = float(np.sqrt(max(p * (1 - p), 1e-12) / len(x)))
+    else:
+      entry.update(auroc_single=auroc(clean['single'], s['single']), auroc_fused=auroc(clean['fused'], s['fused']),
+                   auroc_pixel=auroc(clean_pixel, pixel))
+    results[name] = entry
+
+  out = {'results': results, 'calibration': json.loads(calibration.to_json()),
+         'n_iters': args.n_iters, 'unit_weighting': bool(args.unit_weighting), 'holdout': args.holdout,
+         'train_seconds': round(train_seconds, 1), 'qa_seconds': round(qa_seconds, 1),
+         'qa_inputs_per_second': report['summary']['inputs_per_second'], 'summary': report['summary']}
+  with open(os.path.join(args.workdir, 'results.json'), 'w', encoding='utf-8') as f:
+    json.dump(out, f, indent=2)
+
+  print(f'detector: {args.n_iters} steps ({train_seconds:.0f} s), calibrated on {calibration.num_examples} '
+        f'held-out clean images, threshold {calibration.threshold:.4g} (sigma={calibration.sigma}, '
+        f'K={calibration.num_draws}); qa of {len(rows)} inputs in {qa_seconds:.0f} s')
+  print('| input | AUROC σ=0.05 | AUROC fused | AUROC pixel z | reject σ=0.05 | reject fused | reject pixel z |')
+  print('|---|---|---|---|---|---|---|')
+  for name, e in results.items():
+    if name == 'clean':
+      print(f'| clean test (false rejects) | – | – | – | {e["reject_single"]:.1%} ± {e["reject_single_se"]:.1%} | '
+            f'{e["reject_fused"]:.1%} ± {e["reject_fused_se"]:.1%} | '
+            f'{e["reject_pixel"]:.1%} ± {e["reject_pixel_se"]:.1%} |')
+    else:
+      print(f'| {name} | {e["auroc_single"]:.3f} | {e["auroc_fused"]:.3f} | {e["auroc_pixel"]:.3f} | '
+            f'{e["reject_single"]:.1%} | {e["reject_fused"]:.1%} | {e["reject_pixel"]:.1%} |')
+  if args.figure:
+    make_figure(args.workdir, args.figure)
+
+
+if __name__ == '__main__':
+  main()
