@@ -8,6 +8,10 @@
    corrector, its VP choice). The floor row is an independent exact sample set of the same size.
    (A sliced Wasserstein distance was tried first: with modes 8 apart, the sampling noise of the mode
    weights alone gave it a floor of 0.19 that hid every sampler's error.)
+   The fast samplers (scoresde/fast_samplers.py) at NFE ≈ 10, 20, 35, 50, 100 under VE and VP on the same
+   target, GGF at several tolerances, and the global error of the fixed-step solvers
+   against the closed-form probability-flow map of Gaussian data for N = 8 ... 128 steps with the fitted
+   order (float64).
 2. Wall time and NFE per sampler for the digits NCSN++ (configs/ve/digits_ncsnpp_continuous.py; the
    newest checkpoint of ``--workdir`` if given, else random weights) and a CIFAR-10-shaped NCSN++
    (configs/ve/cifar10_ncsnpp_continuous.py, random weights, batch 4). Compilation (first call) is
@@ -17,7 +21,7 @@
    NCSN++ starts with a zero last layer (init_scale = 0), so random-init scores are zero and ODE step
    counts are meaningless without a trained checkpoint: the digits ODE row says which.
 
-  .venv/bin/python benchmarks/sampling.py [--workdir=runs/digits_ve] [--skip_cifar]
+  .venv/bin/python benchmarks/sampling.py [--workdir=runs/digits_ve] [--skip_cifar] [--fast_only]
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from scoresde import gaussian_mixture  # pylint: disable=g-import-not-at-top
+from configs import default_cifar10_configs  # pylint: disable=g-import-not-at-top
+from scoresde import gaussian_mixture
 from scoresde import datasets
+from scoresde import fast_samplers
 from scoresde import sampling
 from scoresde import sde_lib
 from scoresde.models import utils as mutils
@@ -51,6 +57,8 @@ flags.DEFINE_integer('cifar_steps', 2, 'PC steps actually run for the CIFAR-shap
 flags.DEFINE_bool('skip_cifar', False, 'Skip the CIFAR-shaped model.')
 flags.DEFINE_bool('skip_models', False, 'Only run the Gaussian-mixture quality sweep.')
 flags.DEFINE_bool('skip_mixture', False, 'Skip the Gaussian-mixture quality sweep.')
+flags.DEFINE_bool('fast_only', False, 'Only the fast samplers: their mixture sweep, convergence orders and '
+                  'model timings.')
 
 
 # The PC settings these benchmarks were measured with (the default config's sampling values).
@@ -126,6 +134,93 @@ def mixture_sweep():
           gaussian_mixture.isotropic_score_fn(sde, data))
 
 
+_SDES = {'vesde': (lambda n_: sde_lib.VESDE(0.01, 50., n_), 1e-5),
+          'vpsde': (lambda n_: sde_lib.VPSDE(0.1, 20., n_), 1e-3),
+          'subvpsde': (lambda n_: sde_lib.subVPSDE(0.1, 20., n_), 1e-3)}
+# num_steps giving NFE ≈ 10, 20, 35, 50, 100: Heun and EDM-SDE 2n - 1, DPM-Solver++(2M) n, third order 3n - 2.
+_FAST_STEPS = {'heun': (5, 10, 18, 25, 50), 'edm_sde': (5, 10, 18, 25, 50),
+               'dpm_solver++': (10, 20, 35, 50, 100), 'dpm_solver++ (3rd order)': (4, 7, 12, 17, 34)}
+
+
+def _fast_config(method: str, eps: float, **keys):
+  config = default_cifar10_configs.get_default_configs()
+  config.sampling.method = method.split(' ')[0]
+  config.sampling.eps = eps
+  if method.endswith('(3rd order)'):
+    config.sampling.dpm_order = 3
+  for key, value in keys.items():
+    config.sampling[key] = value
+  return config
+
+
+def fast_mixture_sweep():
+  """Rows of the fast samplers for the mixture table (same columns as ``mixture_sweep``)."""
+  data = gaussian_mixture.default_mixture(2)
+  n = FLAGS.n
+  truth = np.asarray(data.sample(jax.random.PRNGKey(100), n), np.float64)
+  exact = np.asarray(data.sample(jax.random.PRNGKey(101), n), np.float64)
+  w_err, v_err = moment_errors(exact, data)
+  print(f'\n## Fast samplers on the Gaussian mixture, {n} samples each (columns as above)')
+  print('| SDE | sampler | setting | NFE | MMD² (×1e4) | max Δw | max Δvar/var | time (s, incl. compile) |')
+  print('|---|---|---|---|---|---|---|---|')
+  print(f'| — | exact samples (floor) | — | — | {mmd2(exact, truth) * 1e4:.2f} | {w_err:.4f} | '
+        f'{v_err:.3f} | — |', flush=True)
+  for name in ('vesde', 'vpsde'):
+    make, eps = _SDES[name]
+    sde = make(1000)
+    score = gaussian_mixture.isotropic_score_fn(sde, data)
+
+    def row(label, setting, sampler):
+      wall, x, nfe = _timed(sampler, jax.random.PRNGKey(0), score)
+      nfe = f'{nfe.mean():.0f} (max {nfe.max()})' if isinstance(nfe, np.ndarray) else nfe
+      x = x.astype(np.float64)
+      w_err, v_err = moment_errors(x, data)
+      print(f'| {name} | {label} | {setting} | {nfe} | {mmd2(x, truth) * 1e4:.2f} | {w_err:.4f} | '
+            f'{v_err:.3f} | {wall:.1f} |', flush=True)
+
+    for method, steps in _FAST_STEPS.items():
+      for num_steps in steps:
+        row(method, f'num_steps = {num_steps}',
+            sampling.get_sampling_fn(_fast_config(method, eps, num_steps=num_steps), sde, (n, 2)))
+    for rtol in (0.2, 0.05, 0.01):
+      row('ggf', f'rtol = {rtol:g}, atol = 0.0078',
+          sampling.get_ggf_sampler(sde, (n, 2), atol=0.0078, rtol=rtol, h_init=0.01, eps=eps,
+                                   nfe_per_sample=True))
+
+
+def convergence_orders():
+  """Global error of the fixed-step solvers against the closed-form probability-flow map of Gaussian
+  data N((1, -0.5), 0.5² I), 16 samples, float64, EDM schedule; slope fitted over N = 8 ... 128 and 32 ...
+  128."""
+  steps = (8, 16, 32, 64, 128)
+  mean, std = np.array([1., -0.5]), 0.5
+  print('\n## Convergence order: max error vs the exact Gaussian flow, N steps (float64, ρ-schedule)')
+  print('| SDE | solver | ' + ' | '.join(f'N = {k}' for k in steps) + ' | slope 8-128 | slope 32-128 |')
+  print('|---|---|' + '---|' * (len(steps) + 2))
+  with jax.enable_x64(True):
+    for name, (make, eps) in _SDES.items():
+      sde = make(1000)
+      view = fast_samplers.EDMView(sde)
+      score = gaussian_mixture.isotropic_score_fn(sde, gaussian_mixture.gaussian(mean, std**2 * np.eye(2)))
+      (a_T, a_e), (s_T, s_e) = sde.marginal_coeffs(jax.numpy.array([sde.T, eps]))
+      v_T, v_e = a_T**2 * std**2 + s_T**2, a_e**2 * std**2 + s_e**2
+      x_T = a_T * mean + np.sqrt(v_T) * jax.random.normal(jax.random.PRNGKey(0), (16, 2), np.float64)
+      x_e = a_e * mean + np.sqrt(v_e / v_T) * (x_T - a_T * mean)
+      truth = (x_e - s_e**2 * (x_e - a_e * mean) / v_e) / a_e
+      builders = {'Euler': lambda g: fast_samplers.heun(g, order=1), 'Heun': fast_samplers.heun,
+                  'DPM-Solver++(2M)': fast_samplers.dpm_solver_2m,
+                  'DPM-Solver-3 (data prediction)': lambda g: fast_samplers.dpm_solver_3s(view, g, eps)}
+      for label, build in builders.items():
+        errors = []
+        for k in steps:
+          solver = build(fast_samplers.time_grid(view, 'edm', k + 1, eps, 7.))
+          x = jax.jit(lambda x: solver.solve(view.denoiser(score), None, x / a_T))(x_T)  # pylint: disable=cell-var-from-loop
+          errors.append(float(np.max(np.abs(np.asarray(x) - np.asarray(truth)))))
+        fit = lambda lo: -np.polyfit(np.log(steps[lo:]), np.log(errors[lo:]), 1)[0]
+        print(f'| {name} | {label} | ' + ' | '.join(f'{e:.2e}' for e in errors) +
+              f' | {fit(0):.2f} | {fit(2):.2f} |', flush=True)
+
+
 def _model(module: str, workdir: str | None):
   config = importlib.import_module(module).get_config()
   model, variables = mutils.init_model(jax.random.PRNGKey(0), config)
@@ -167,6 +262,33 @@ def _bench_pc(label, config, model, variables, source, batch, samplers, steps):
           f'{per_eval * full_nfe / 60:.1f} min |', flush=True)
 
 
+def _bench_fast(label, config, sde, shape, score_fn, inverse):
+  """Wall time of the fixed-step fast samplers at their 35-evaluation settings on a network."""
+  print(f'\n## {label}: fast samplers, batch {shape[0]} (compile + 1st call, then a timed call)')
+  print('| sampler | NFE | compile + 1st call (s) | timed call (s) | s per sample |')
+  print('|---|---|---|---|---|')
+  for method, num_steps in (('heun', 18), ('dpm_solver++', 35), ('dpm_solver++ (3rd order)', 12)):
+    fast = _fast_config(method, config.sampling.eps, num_steps=num_steps)
+    sampler = sampling.get_sampling_fn(fast, sde, shape, inverse)
+    first, _, _ = _timed(sampler, jax.random.PRNGKey(0), score_fn)
+    wall, x, nfe = _timed(sampler, jax.random.PRNGKey(1), score_fn)
+    assert np.all(np.isfinite(x))
+    print(f'| {method} | {nfe} | {first:.1f} | {wall:.1f} | {wall / shape[0]:.2f} |', flush=True)
+
+
+def fast_model_benchmarks():
+  for module, batch, workdir in (('configs.ve.digits_ncsnpp_continuous', FLAGS.digits_batch, FLAGS.workdir),
+                                 ('configs.ve.cifar10_ncsnpp_continuous', 4, None)):
+    if 'cifar10' in module and FLAGS.skip_cifar:
+      continue
+    config, model, variables, source = _model(module, workdir)
+    sde = sde_lib.get_sde(config)
+    _bench_fast(f'{module} ({source}, {mutils.param_count(variables):,} parameters)', config, sde,
+                (batch,) + tuple(datasets.data_shape(config)),
+                mutils.network_score_fn(config, sde, model, variables),
+                datasets.get_data_inverse_scaler(config))
+
+
 def model_benchmarks():
   config, model, variables, source = _model('configs.ve.digits_ncsnpp_continuous', FLAGS.workdir)
   inverse = datasets.get_data_inverse_scaler(config)
@@ -195,7 +317,6 @@ def model_benchmarks():
         f'timed call {wall:.1f} s')
   if FLAGS.skip_cifar:
     return
-  config, model, variables, source = _model('configs.ve.cifar10_ncsnpp_continuous', None)
   _bench_pc('CIFAR-10-shaped NCSN++ (configs/ve/cifar10_ncsnpp_continuous.py)', config, model,
             variables, source, 4,
             [('PC reverse_diffusion + langevin',
@@ -209,9 +330,14 @@ def main(argv):
   print(f'sampling benchmark: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} on '
         f'{jax.devices()[0].platform} x{jax.device_count()}')
   if not FLAGS.skip_mixture:
-    mixture_sweep()
+    if not FLAGS.fast_only:
+      mixture_sweep()
+    fast_mixture_sweep()
+    convergence_orders()
   if not FLAGS.skip_models:
-    model_benchmarks()
+    if not FLAGS.fast_only:
+      model_benchmarks()
+    fast_model_benchmarks()
 
 
 if __name__ == '__main__':

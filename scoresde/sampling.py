@@ -2,7 +2,9 @@
 
 Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations", ICLR 2021
 (arXiv:2011.13456): predictor-corrector sampling (Alg. 1-3, appendix G) and the probability-flow ODE
-(eq. 13, appendix D.3); annealed Langevin dynamics of NCSN (Song & Ermon 2019, Alg. 1).
+(eq. 13, appendix D.3); annealed Langevin dynamics of NCSN (Song & Ermon 2019, Alg. 1). The fast samplers
+(EDM's Heun and stochastic samplers, DPM-Solver++, Gotta Go Fast) are written in ``fast_samplers``; this
+module compiles them like the others (``get_fast_sampler``, ``get_ggf_sampler``).
 
 Every sampler takes any ``score_fn(x, t)``: an exact analytic score (``gaussian_mixture.score_fn``), a trained
 network or an imported checkpoint (``models.utils.network_score_fn``). A plain Python callable is compiled once per
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scoresde import fast_samplers
 from scoresde import ode_solvers
 from scoresde.infra import parallel
 from scoresde import sde_lib
@@ -49,6 +52,15 @@ def normal_like(rng: Array, x: Array) -> Array:
 def fold_in(rng: Array, data: int | Array) -> Array:
   """``jax.random.fold_in`` applied to each per-sample key of ``rng`` (B keys)."""
   return jax.vmap(lambda key: jax.random.fold_in(key, data))(rng)
+
+
+def indexed_noise(keys: Array) -> fast_samplers.Noise:
+  """``noise(index, like)``: standard normals like ``like`` (B, ...), row b from ``fold_in(keys[b],
+  index[b])`` (``index`` a scalar or (B,)): the fast samplers' draws, per sample as every sampler's."""
+  def noise(index: Array, like: Array) -> Array:
+    index = jnp.broadcast_to(jnp.asarray(index, jnp.uint32), (keys.shape[0],))
+    return normal_like(jax.vmap(jax.random.fold_in)(keys, index), like)
+  return noise
 
 
 def _batch_norm(x: Array) -> Array:
@@ -319,6 +331,14 @@ class _ShardedSampler:
     one = (1,) + self.shape[1:]
     return self.shard(jax.vmap(lambda key: self.sde.prior_sampling(key, one)[0])(keys))
 
+  def initial(self, keys: Array, z: Array | None) -> Array:
+    """x_T: the prior draw of each sample's key, or the given latent ``z``."""
+    return self.prior(keys) if z is None else self.shard(z)
+
+  def check_z(self, z: Array | None) -> None:
+    if z is not None and tuple(z.shape) != self.shape:
+      raise ValueError(f'z has shape {tuple(z.shape)}; the sampler was built for {self.shape}.')
+
   def replicate(self, tree):
     return parallel.replicate(self.mesh, tree)
 
@@ -347,9 +367,10 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
     inverse_scaler: maps model space back to data space, traceable.
 
   Returns:
-    ``sampler(rng, score_fn, first_index=0) -> (samples, nfe)``: samples like ``shape``, sharded over
-    the batch; nfe the exact number of score evaluations per sample. Sample i uses the key
-    ``fold_in(rng, first_index + i)``, so rounds of a long run continue the same sequence.
+    ``sampler(rng, score_fn, z=None, first_index=0) -> (samples, nfe)``: samples like ``shape``, sharded
+    over the batch; nfe the exact number of score evaluations per sample; ``z`` (like ``shape``) the
+    initial state x_T instead of prior draws. Sample i uses the key ``fold_in(rng, first_index + i)``, so
+    rounds of a long run continue the same sequence.
   """
   shape = _check_shape(shape)
   eps = _check_eps(sde, eps)
@@ -365,10 +386,10 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
   timesteps = jnp.linspace(sde.T, eps, sde.N)
 
   @jax.jit
-  def run(rng, score_tree, first_index):
+  def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
     prior_keys, loop_keys = fold_in(keys, 0), fold_in(keys, 1)
-    x = base.prior(prior_keys)
+    x = base.initial(prior_keys, z)
 
     def body(i, carry):
       x, _ = carry
@@ -383,9 +404,11 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
 
   nfe = sde.N * (predictor_obj.nfe + corrector_obj.nfe)
 
-  def sampler(rng: Array, score_fn: ScoreFn, first_index: int = 0) -> tuple[Array, int]:
+  def sampler(rng: Array, score_fn: ScoreFn, z: Array | None = None,
+              first_index: int = 0) -> tuple[Array, int]:
+    base.check_z(z)
     rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
-    return run(rng, score_tree, first), nfe
+    return run(rng, score_tree, z, first), nfe
 
   return sampler
 
@@ -445,7 +468,7 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method
   @jax.jit
   def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
-    x = base.prior(fold_in(keys, 0)) if z is None else base.shard(z)
+    x = base.initial(fold_in(keys, 0), z)
     x, num_steps = jax.vmap(solve_one, (0, None))(x, score_tree)
     x = base.shard(x)
     nfe = ode_solvers.num_evaluations(method, jnp.max(num_steps))
@@ -456,8 +479,7 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method
 
   def sampler(rng: Array, score_fn: ScoreFn, z: Array | None = None,
               first_index: int = 0) -> tuple[Array, int]:
-    if z is not None and tuple(z.shape) != shape:
-      raise ValueError(f'z has shape {tuple(z.shape)}; the sampler was built for {shape}.')
+    base.check_z(z)
     rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
     x, nfe = run(rng, score_tree, z, first)
     return x, int(nfe)
@@ -465,15 +487,152 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method
   return sampler
 
 
+def get_fast_sampler(sde: sde_lib.SDE, shape, solver: fast_samplers.Solver,
+                     inverse_scaler: Callable[[Array], Array] | None = None) -> Sampler:
+  """A fixed-step fast sampler (``fast_samplers.heun``, ``edm_stochastic``, ``dpm_solver_2m``,
+  ``dpm_solver_3s``) compiled once per score function: x_T ~ p_T (or ``z``), mapped to EDM's x̂ = x / s(T),
+  solved, and returned as ``inverse_scaler`` of the denoised mean D(x; eps) (the last step to σ̃ = 0).
+
+  Returns:
+    ``sampler(rng, score_fn, z=None, first_index=0) -> (samples, nfe)``; deterministic solvers make the
+    samples a pure function of ``z``; a stochastic one draws step i's noise for sample b from
+    ``fold_in(fold_in(rng, first_index + b), 1)`` folded with i.
+  """
+  shape = _check_shape(shape)
+  base = _ShardedSampler(sde, shape, inverse_scaler)
+  view = fast_samplers.EDMView(sde)
+  scale_T = view.coeffs(sde.T)[0]
+
+  @jax.jit
+  def run(rng, score_tree, z, first_index):
+    keys = base.sample_keys(rng, first_index)
+    x = base.initial(fold_in(keys, 0), z)
+    denoiser = view.denoiser(score_tree)
+    x0 = solver.solve(lambda x_hat, t: base.shard(denoiser(x_hat, t)), indexed_noise(fold_in(keys, 1)),
+                      x / scale_T)
+    return base.inverse_scaler(base.shard(x0))
+
+  def sampler(rng: Array, score_fn: ScoreFn, z: Array | None = None,
+              first_index: int = 0) -> tuple[Array, int]:
+    base.check_z(z)
+    rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
+    return run(rng, score_tree, z, first), solver.nfe
+
+  return sampler
+
+
+def get_ggf_sampler(sde: sde_lib.SDE, shape, *, atol: float, rtol: float, h_init: float, eps: float,
+                    inverse_scaler: Callable[[Array], Array] | None = None, max_steps: int = 10_000,
+                    nfe_per_sample: bool = False) -> Sampler:
+  """Gotta Go Fast's adaptive reverse-SDE sampler (``fast_samplers.ggf``), compiled once per score
+  function. Every sample takes its own steps (lock-step over the batch until the slowest finishes).
+
+  Args:
+    atol, rtol, h_init: tolerances and first step (config.sampling.ggf_atol / ggf_rtol / ggf_h_init).
+    eps: the end time (config.sampling.eps).
+    max_steps: attempted steps per sample before the sampler raises.
+    nfe_per_sample: return each sample's evaluations (B,) instead of the batch's (their maximum).
+
+  Returns:
+    ``sampler(rng, score_fn, z=None, first_index=0) -> (samples, nfe)``.
+  """
+  shape = _check_shape(shape)
+  eps = _check_eps(sde, eps)
+  if not (float(atol) > 0 and float(rtol) > 0 and 0 < float(h_init) <= sde.T - eps):
+    raise ValueError(f'ggf needs atol > 0, rtol > 0 and 0 < h_init <= T - eps, got atol={atol}, '
+                     f'rtol={rtol}, h_init={h_init} (config.sampling.ggf_atol / ggf_rtol / ggf_h_init).')
+  base = _ShardedSampler(sde, shape, inverse_scaler)
+
+  @jax.jit
+  def run(rng, score_tree, z, first_index):
+    keys = base.sample_keys(rng, first_index)
+    x = base.initial(fold_in(keys, 0), z)
+    x0, nfe, done = fast_samplers.ggf(sde, score_tree, indexed_noise(fold_in(keys, 1)), x, eps,
+                                      atol=float(atol), rtol=float(rtol), h_init=float(h_init),
+                                      max_steps=int(max_steps))
+    return base.inverse_scaler(base.shard(x0)), nfe, jnp.all(done)
+
+  def sampler(rng: Array, score_fn: ScoreFn, z: Array | None = None,
+              first_index: int = 0) -> tuple[Array, int | np.ndarray]:
+    base.check_z(z)
+    rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
+    x, nfe, done = run(rng, score_tree, z, first)
+    if not bool(done):
+      raise RuntimeError(f'ggf: a sample did not reach t = eps within {max_steps} steps; raise '
+                         f'config.sampling.ggf_rtol / ggf_atol.')
+    nfe = np.asarray(parallel.to_host(nfe))
+    return x, (nfe if nfe_per_sample else int(nfe.max()))
+
+  return sampler
+
+
+METHODS = ('pc', 'ode', 'heun', 'edm_sde', 'dpm_solver++', 'ggf')
+
+
+def validate_config(config) -> None:
+  """Raises ValueError naming the ``config.sampling`` key whose value the configured method cannot use."""
+  cfg = config.sampling
+  method = str(cfg.method).lower()
+  if method not in METHODS:
+    raise ValueError(f'config.sampling.method={cfg.method!r} is not known; choose one of {list(METHODS)}.')
+  if method == 'pc':
+    get_predictor(cfg.predictor)
+    get_corrector(cfg.corrector)
+  elif method == 'ode':
+    ode_solvers.get_solver(str(cfg.ode_method).lower(), 'config.sampling.ode_method')
+  elif method == 'ggf':
+    for key in ('ggf_atol', 'ggf_rtol', 'ggf_h_init'):
+      if not float(cfg[key]) > 0:
+        raise ValueError(f'config.sampling.{key}={cfg[key]!r} must be positive.')
+  else:
+    if cfg.schedule not in fast_samplers.SCHEDULES:
+      raise ValueError(f'config.sampling.schedule={cfg.schedule!r} is not known; choose one of '
+                       f'{sorted(fast_samplers.SCHEDULES)}.')
+    if not (isinstance(cfg.num_steps, int) and cfg.num_steps >= 2):
+      raise ValueError(f'config.sampling.num_steps={cfg.num_steps!r} must be an integer >= 2 (it counts '
+                       f'the last step to σ = 0).')
+    if not float(cfg.rho) > 0:
+      raise ValueError(f'config.sampling.rho={cfg.rho!r} must be positive.')
+    if method == 'dpm_solver++' and cfg.dpm_order not in (2, 3):
+      raise ValueError(f'config.sampling.dpm_order={cfg.dpm_order!r} must be 2 (DPM-Solver++(2M)) or 3 '
+                       f'(third-order single-step).')
+    if method == 'edm_sde' and not (float(cfg.s_churn) >= 0 and float(cfg.s_noise) > 0
+                                    and 0 <= float(cfg.s_tmin) <= float(cfg.s_tmax)):
+      raise ValueError(f'edm_sde needs s_churn >= 0, s_noise > 0 and 0 <= s_tmin <= s_tmax; got '
+                       f's_churn={cfg.s_churn}, s_noise={cfg.s_noise}, s_tmin={cfg.s_tmin}, '
+                       f's_tmax={cfg.s_tmax} (config.sampling.*).')
+
+
+def fixed_step_solver(config, sde: sde_lib.SDE, eps: float) -> fast_samplers.Solver:
+  """The ``fast_samplers.Solver`` of a fixed-step ``config.sampling.method`` on its time grid."""
+  cfg = config.sampling
+  method = str(cfg.method).lower()
+  view = fast_samplers.EDMView(sde)
+  grid = fast_samplers.time_grid(view, cfg.schedule, cfg.num_steps, eps, cfg.rho)
+  if method == 'heun':
+    return fast_samplers.heun(grid)
+  if method == 'edm_sde':
+    return fast_samplers.edm_stochastic(view, grid, eps, s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
+                                        s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
+  if method == 'dpm_solver++':
+    return fast_samplers.dpm_solver_2m(grid) if cfg.dpm_order == 2 else fast_samplers.dpm_solver_3s(
+        view, grid, eps)
+  raise ValueError(f'config.sampling.method={cfg.method!r} is not a fixed-step fast sampler.')
+
+
 def get_sampling_fn(config, sde: sde_lib.SDE, shape, inverse_scaler=None,
                     eps: float | None = None) -> Sampler:
-  """The sampler named by ``config.sampling.method`` ('pc' or 'ode') with its ``config.sampling`` keys.
+  """The sampler named by ``config.sampling.method`` (one of ``METHODS``) with its ``config.sampling``
+  keys, validated first (``validate_config``).
 
-  ``eps`` defaults to ``config.sampling.eps``. Returns ``sampler(rng, score_fn, ...) -> (samples,
-  nfe)``; see ``get_pc_sampler`` and ``get_ode_sampler``.
+  ``eps`` defaults to ``config.sampling.eps``. Returns ``sampler(rng, score_fn, z=None, first_index=0) ->
+  (samples, nfe)``; see ``get_pc_sampler``, ``get_ode_sampler``, ``get_fast_sampler`` and
+  ``get_ggf_sampler``. Every sampler returns the denoised mean at the end (PC and ODE when
+  ``noise_removal``).
   """
+  validate_config(config)
   cfg = config.sampling
-  eps = float(cfg.eps if eps is None else eps)
+  eps = _check_eps(sde, float(cfg.eps if eps is None else eps))
   method = str(cfg.method).lower()
   if method == 'ode':
     return get_ode_sampler(sde, shape, rtol=cfg.ode_rtol, atol=cfg.ode_atol, method=cfg.ode_method, eps=eps,
@@ -483,4 +642,7 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape, inverse_scaler=None,
                           n_steps=cfg.n_steps_each, probability_flow=cfg.probability_flow,
                           denoise=cfg.noise_removal, eps=eps, inverse_scaler=inverse_scaler,
                           langevin_per_sample=cfg.langevin_per_sample)
-  raise ValueError(f"config.sampling.method={cfg.method!r} is not known; choose 'pc' or 'ode'.")
+  if method == 'ggf':
+    return get_ggf_sampler(sde, shape, atol=cfg.ggf_atol, rtol=cfg.ggf_rtol, h_init=cfg.ggf_h_init,
+                           eps=eps, inverse_scaler=inverse_scaler)
+  return get_fast_sampler(sde, shape, fixed_step_solver(config, sde, eps), inverse_scaler)

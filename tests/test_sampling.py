@@ -231,7 +231,7 @@ class _CountingScore:
   """An analytic score that counts its evaluations on the host (jax.debug.callback per call)."""
 
   def __init__(self, sde, data):
-    self.score = gaussian_mixture.score_fn(sde, data)
+    self.score = gaussian_mixture.isotropic_score_fn(sde, data)
     self.calls = 0
 
   def _count(self):
@@ -372,6 +372,20 @@ def test_model_variables_are_jit_arguments():
   assert not np.allclose(outs[0], outs[1])
 
 
+def test_pc_sampler_starts_from_z():
+  """``z`` is x_T: a probability-flow predictor without corrector is then a function of z alone."""
+  sde = make_sde('vpsde', 10)
+  sampler = pc_sampler(sde, (4, 2), 'euler_maruyama', 'none', probability_flow=True)
+  score = gaussian_mixture.score_fn(sde, MIXTURE)
+  z = sde.prior_sampling(jax.random.PRNGKey(3), (4, 2))
+  a, _ = sampler(jax.random.PRNGKey(0), score, z=z)
+  b, _ = sampler(jax.random.PRNGKey(1), score, z=z)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, sampler(jax.random.PRNGKey(0), score)[0])
+  with pytest.raises(ValueError, match=r'z has shape \(3, 2\)'):
+    sampler(jax.random.PRNGKey(0), score, z=jnp.zeros((3, 2)))
+
+
 def test_get_sampling_fn_reads_config():
   config = default_cifar10_configs.get_default_configs()
   sde = make_sde('vesde', 10)
@@ -381,7 +395,7 @@ def test_get_sampling_fn_reads_config():
   x, nfe = sampler(jax.random.PRNGKey(0), gaussian_mixture.score_fn(sde, MIXTURE))
   assert nfe == 30 and float(jnp.min(x)) > 80.  # inverse scaler applied
   config.sampling.method = 'sde'
-  with pytest.raises(ValueError, match=r"config.sampling.method='sde'.*'pc' or 'ode'"):
+  with pytest.raises(ValueError, match=r"config.sampling.method='sde'.*'pc', 'ode', 'heun'"):
     sampling.get_sampling_fn(config, sde, (4, 2))
 
 
