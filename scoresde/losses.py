@@ -147,12 +147,12 @@ def check_objective(config) -> None:
   """Raises for the combinations the paper rules out, naming the config keys."""
   training = config.training
   sde_name = str(training.sde).lower()
-  if training.importance_sampling and not (training.continuous and training.likelihood_weighting
-                                           and not training.sliced_score_matching):
-    raise ValueError('config.training.importance_sampling=True samples t for the likelihood-weighted DSM '
-                     'loss: it needs config.training.continuous=True, likelihood_weighting=True and '
-                     'sliced_score_matching=False.')
+  importance_error = ('config.training.importance_sampling=True samples t for the likelihood-weighted DSM '
+                      'loss: it needs config.training.continuous=True, likelihood_weighting=True and '
+                      'sliced_score_matching=False.')
   if training.continuous:
+    if training.importance_sampling and (training.sliced_score_matching or not training.likelihood_weighting):
+      raise ValueError(importance_error)
     return
   if training.sliced_score_matching:
     raise ValueError('config.training.sliced_score_matching=True needs config.training.continuous=True.')
@@ -165,6 +165,8 @@ def check_objective(config) -> None:
   if sde_name not in ('vesde', 'vpsde'):
     raise ValueError(f'config.training.sde={training.sde!r} has no discrete objective; '
                      "choose 'vesde' (SMLD) or 'vpsde' (DDPM).")
+  if training.importance_sampling:
+    raise ValueError(importance_error)
 
 
 def check_dsm_levels(config) -> None:
