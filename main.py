@@ -5,6 +5,12 @@
   python main.py --config=... --workdir=runs/digits --mode=eval --eval_folder=eval
   python main.py --config=... --workdir=runs/digits --mode=sample [--checkpoint=3 | PATH | model.pth]
   python main.py --config=... --workdir=runs/digits --mode=fid_stats
+  python main.py --config=... --workdir=runs/digits --mode=train_classifier  # into workdir/classifier
+  python main.py --config=... --workdir=runs/digits --mode=sample --config.sampling.condition=class
+  python main.py --config=... --workdir=runs/cifar10 --mode=import --checkpoint=checkpoint_26  # or a .pth
+  python main.py --config=configs/qa/digits.py --workdir=runs/qa --mode=qa_calibrate  # anomaly threshold
+  python main.py --config=configs/qa/digits.py --workdir=runs/qa --mode=qa --qa.input=inputs.npz
+  python main.py --config=configs/vp/toy_gmm.py --workdir=runs/gmm --mode=visualize  # toy-lab PNGs
 
 Any config key can be overridden, e.g. ``--config.training.batch_size=32``. Several processes (hosts):
 pass ``--num_processes``, ``--process_id`` and ``--coordinator_address`` (or ``--jax_distributed`` to let
@@ -23,10 +29,17 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, samples, logs.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'fid_stats'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'fid_stats', 'qa', 'qa_calibrate',
+                                    'import', 'train_classifier', 'visualize'],
+                  'What to do.')
 flags.DEFINE_string('eval_folder', 'eval', 'Subdirectory of workdir for evaluation outputs.')
-flags.DEFINE_string('checkpoint', None, '--mode=sample: a checkpoint index k (checkpoints/checkpoint_k), '
-                    'a checkpoint directory, or a score_sde_pytorch .pth file; default the newest.')
+flags.DEFINE_string('qa.input', None, '--mode=qa: a .npy/.npz file of inputs (N, H, W, C) or a folder of '
+                    'them, in the training data\'s space; reports go to workdir/qa/<name>/.')
+flags.DEFINE_string('checkpoint', None, '--mode=sample, eval, qa, qa_calibrate, visualize: a checkpoint '
+                    'index k '
+                    '(checkpoints/checkpoint_k), a checkpoint directory, a score_sde_pytorch .pth file or a '
+                    'score_sde (JAX) checkpoint file (the format is detected); default the newest (eval: '
+                    'eval.begin_ckpt..end_ckpt). --mode=import: the reference checkpoint file to import.')
 flags.DEFINE_bool('allow_config_change', False,
                   '--mode=train: resume a workdir whose recorded config.json differs in keys that change '
                   'what is learned (model, SDE, data, optimizer, ...); without it such a resume is refused. '
@@ -71,7 +84,7 @@ def main(argv):
   if FLAGS.mode == 'train':
     run_lib.train(config, workdir, allow_config_change=FLAGS.allow_config_change)
   elif FLAGS.mode == 'eval':
-    run_lib.evaluate(config, workdir, FLAGS.eval_folder)
+    run_lib.evaluate(config, workdir, FLAGS.eval_folder, checkpoint=FLAGS.checkpoint)
   elif FLAGS.mode == 'sample':
     from scoresde import generate  # pylint: disable=import-outside-toplevel
     out = generate.generate(config, workdir, checkpoint=FLAGS.checkpoint)
@@ -80,6 +93,22 @@ def main(argv):
     from scoresde.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
     out = sample_quality.compute_dataset_stats(config)
     logging.info('dataset statistics written to %s', out)
+  elif FLAGS.mode == 'train_classifier':
+    from scoresde import classifier_training  # pylint: disable=import-outside-toplevel
+    classifier_training.train_classifier(config, workdir, allow_config_change=FLAGS.allow_config_change)
+  elif FLAGS.mode == 'import':
+    if not FLAGS.checkpoint:
+      raise app.UsageError('--mode=import needs --checkpoint=PATH (a score_sde or score_sde_pytorch file).')
+    out = run_lib.import_checkpoint(config, workdir, FLAGS.checkpoint)
+    logging.info('imported %s into %s', FLAGS.checkpoint, out)
+  elif FLAGS.mode == 'qa_calibrate':
+    run_lib.qa_calibrate(config, workdir, checkpoint=FLAGS.checkpoint)
+  elif FLAGS.mode == 'qa':
+    run_lib.qa_check(config, workdir, FLAGS['qa.input'].value, checkpoint=FLAGS.checkpoint)
+  elif FLAGS.mode == 'visualize':
+    from scoresde import visualize  # pylint: disable=import-outside-toplevel
+    out = visualize.visualize(config, workdir, checkpoint=FLAGS.checkpoint)
+    logging.info('toy-lab figures written to %s', out)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,8 @@ def get_default_configs():
   training.snapshot_freq_for_preemption = 10000
   training.snapshot_sampling = True
   training.likelihood_weighting = False
+  # ours: with likelihood_weighting, t ~ q(t) ∝ g²/σ² (Song, Durkan, Murray, Ermon 2021, Sec. 5.1)
+  training.importance_sampling = False
   training.continuous = True
   training.n_jitted_steps = 5
   training.reduce_mean = False
@@ -23,6 +25,9 @@ def get_default_configs():
   training.ssm_variance_reduction = True  # ours
   training.ssm_n_projections = 1  # ours: random projections per example in sliced score matching
   training.snapshot_batch_size = 0  # ours: samples drawn at each snapshot (0 = training.batch_size)
+  # ours: continuous DSM only at these noise levels (data units; SDE.noise_level_time), () = t ~ U(eps, T)
+  training.dsm_sigmas = ()
+  training.dsm_unit_weighting = False  # ours: λ = 1, the loss ‖s + z/σ‖² (the anomaly residual itself)
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = 'pc'
@@ -37,6 +42,27 @@ def get_default_configs():
   sampling.ode_method = 'dopri5'  # ours: on-device adaptive solver for the probability-flow ODE
   sampling.ode_rtol = 1e-5
   sampling.ode_atol = 1e-5
+  # ours: the fast samplers (method 'heun', 'edm_sde', 'dpm_solver++', 'ggf'; scoresde/fast_samplers.py)
+  sampling.num_steps = 18  # fixed-step methods' times incl. the last step to σ = 0 (EDM: 18 → Heun's 35 NFE)
+  sampling.schedule = 'edm'  # 'edm' (ρ-schedule in σ), 'uniform_t', 'logsnr'
+  sampling.rho = 7.  # EDM's ρ
+  sampling.dpm_order = 2  # 2: DPM-Solver++(2M) multistep; 3: third-order single-step DPM-Solver
+  sampling.s_churn = 10.  # edm_sde: EDM Alg. 2's stochasticity; EDM tunes these per model (its Table 5)
+  sampling.s_tmin = 0.05
+  sampling.s_tmax = 50.
+  sampling.s_noise = 1.  # > 1 offsets a network's over-denoising; an exact score wants 1
+  sampling.ggf_atol = 0.0078  # ggf: Gotta Go Fast's tolerances (2/255 on [-1, 1] data) and first step
+  sampling.ggf_rtol = 0.05
+  sampling.ggf_h_init = 0.01
+  # ours: controllable generation (scoresde/controllable.py; Song et al. 2021, Sec. 5, App. I) in --mode=sample
+  sampling.condition = 'none'  # 'none', 'inpaint', 'colorize' or 'class'
+  # inpaint: the region to fill, 'lower_half', 'upper_half', 'left_half', 'right_half', 'center', or a
+  # .png/.npy mask (1 = known)
+  sampling.inpaint_mask = 'lower_half'
+  sampling.condition_input = ''  # inpaint/colorize inputs: a .png or .npy of images; '' = the test split
+  sampling.class_label = -1  # class: every sample's label; -1 cycles through 0..classifier.num_classes-1
+  sampling.guidance_scale = 1.  # class: w in ∇log p_t(x) + w ∇log p_t(y|x); 1 is Bayes' rule
+  sampling.classifier_checkpoint = ''  # class: a checkpoint_<k> dir ('' = the newest in workdir/classifier)
 
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.begin_ckpt = 9
@@ -67,7 +93,9 @@ def get_default_configs():
   data.uniform_dequantization = False
   data.num_channels = 3
   data.num_levels = 256  # ours: discrete values per pixel (dequantization, bits/dim); digits have 17
-  data.path = ''  # ours: image directory for data.dataset='folder'
+  data.path = ''  # ours: image directory for data.dataset='folder'; .npy/.npz file or directory for 'arrays'
+  data.holdout_fraction = 0.1  # ours: data.dataset='arrays': the fraction held out as the 'test' split
+  data.labels = False  # ours: batches carry 'label' (int32) too; only the classifier's training asks
   data.category = ''  # ours: LSUN category (TFDS lsun/{category})
   data.tfds_data_dir = ''  # ours: TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
   data.dim = 2  # ours: dimension of toy data (gmm, checkerboard, swissroll, moons)
@@ -113,6 +141,30 @@ def get_default_configs():
   optim.eps = 1e-8
   optim.warmup = 5000
   optim.grad_clip = 1.
+
+  # ours: score-based anomaly detection (scoresde/anomaly.py; main.py --mode=qa, --mode=qa_calibrate)
+  config.qa = qa = ml_collections.ConfigDict()
+  qa.sigma = 0.05  # the decision's noise level (data units): ‖s(x + σε) + ε/σ‖²
+  qa.sigmas = (0.01, 0.05, 0.1, 0.2)  # residuals reported (and fused) at these; must include qa.sigma
+  qa.num_draws = 8  # noise draws per input and σ
+  qa.percentile = 99.5  # threshold: this percentile of the held-out clean scores
+  qa.fused = False  # decide on the multi-σ fused score instead of the single-σ one
+  qa.calibration_split = 'test'  # the held-out clean split the threshold is computed on
+  qa.calibrate_after_training = False  # --mode=train ends by calibrating (the qa/ configs)
+  qa.heatmaps = True  # a per-channel heatmap PNG for every rejected input
+
+  # ours: the noise-conditional classifier p_t(y | x) of class-conditional sampling (--mode=train_classifier,
+  # scoresde/models/classifier.py): the reference's Wide-ResNet 28-10 with GroupNorm and Fourier noise features.
+  # It trains with config.training's schedule and config.optim, into workdir/classifier.
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.name = 'noise_conditional_wrn'
+  classifier.num_classes = 10
+  classifier.blocks_per_group = 4  # WRN-28-10: (28 - 4) / 6 blocks per group, width multiplier 10
+  classifier.channel_multiplier = 10
+  classifier.embedding_size = 128  # Fourier features of log(s/a), scale 16, then Dense 512 - swish - Dense 512
+  classifier.fourier_scale = 16.
+  classifier.embedding_dim = 512
+  classifier.eval_times = (0.01, 0.1, 0.25, 0.5, 0.75, 1.)  # eval accuracy at these t (noise levels)
 
   config.seed = 42
   return config

@@ -56,4 +56,9 @@ def get_default_configs():
   optim = config.optim
   optim.lr = 2e-3
   optim.warmup = 200
+
+  classifier = config.classifier  # a WRN-10-2 (widths 32/64/128) for --mode=train_classifier
+  classifier.blocks_per_group = 1
+  classifier.channel_multiplier = 2
+  classifier.embedding_dim = 128
   return config

@@ -49,6 +49,7 @@ def validate_config(config, mode: str = 'train') -> None:
   mutils.validate_model_config(config)
   mutils.check_input_shape(config, datasets.data_shape(config))
   losses.check_objective(config)
+  losses.check_dsm_levels(config)
   losses.get_optimizer(config)
   training, optim = config.training, config.optim
   n_jitted = training.n_jitted_steps
@@ -78,16 +79,14 @@ def validate_config(config, mode: str = 'train') -> None:
     _validate_sampling_config(config)
     if mode == 'train':
       parallel.check_batch_size(_snapshot_batch_size(config), 'config.training.snapshot_batch_size')
+  if (mode == 'train' and config.qa.calibrate_after_training) or mode == 'qa':
+    from scoresde.evaluation import qa  # pylint: disable=import-outside-toplevel
+    qa.validate_qa_config(config)
 
 
 def _validate_sampling_config(config) -> None:
   from scoresde import sampling  # pylint: disable=import-outside-toplevel  (heavy: diffrax)
-  method = str(config.sampling.method).lower()
-  if method == 'pc':
-    sampling.get_predictor(config.sampling.predictor)
-    sampling.get_corrector(config.sampling.corrector)
-  elif method != 'ode':
-    raise ValueError(f"config.sampling.method={config.sampling.method!r} is not known; choose 'pc' or 'ode'.")
+  sampling.validate_config(config)
 
 
 def _snapshot_batch_size(config) -> int:
@@ -389,6 +388,9 @@ def train(config, workdir: str, allow_config_change: bool = False) -> losses.Tra
     writer.close()
     preemption.close()
     permanent.close()
+  if config.qa.calibrate_after_training and step >= n_iters:
+    from scoresde.evaluation import qa  # pylint: disable=import-outside-toplevel
+    qa.calibrate(config, workdir)
   return state
 
 
@@ -490,11 +492,20 @@ def eval_loss_over_split(config, sde, model, variables, split: str = 'test',
   return {'all_losses': all_losses, 'mean_loss': total / max(count, 1.), 'num_examples': int(count)}
 
 
-def evaluate(config, workdir: str, eval_folder: str = 'eval') -> dict[int, dict[str, Any]]:
-  """Evaluates the permanent checkpoints eval.begin_ckpt..end_ckpt (the newest if both are None) with
-  their EMA weights: loss over the test split (``eval.enable_loss``), bits/dim (``eval.enable_bpd``,
-  bits_per_dim.py) and sample quality (``eval.enable_sampling``, sample_quality.py). Writes into
-  ``workdir/eval_folder``; returns {checkpoint: results}."""
+def _checkpoint_tag(checkpoint: int | str) -> int | str:
+  """The name evaluation outputs carry for a checkpoint: its index, or its file name."""
+  if isinstance(checkpoint, int) or str(checkpoint).isdigit():
+    return int(checkpoint)
+  return os.path.splitext(os.path.basename(str(checkpoint).rstrip('/')))[0]
+
+
+def evaluate(config, workdir: str, eval_folder: str = 'eval',
+             checkpoint: int | str | None = None) -> dict[int | str, dict[str, Any]]:
+  """Evaluates the permanent checkpoints eval.begin_ckpt..end_ckpt (the newest if both are None), or
+  only ``checkpoint`` (an index, or a path: ``checkpointing.load_variables``), with their EMA weights:
+  loss over the test split (``eval.enable_loss``), bits/dim (``eval.enable_bpd``, bits_per_dim.py) and
+  sample quality (``eval.enable_sampling``, sample_quality.py). Writes into ``workdir/eval_folder``;
+  returns {checkpoint index or file name: results}."""
   validate_config(config, 'eval')
   eval_dir = os.path.join(workdir, eval_folder)
   os.makedirs(eval_dir, exist_ok=True)
@@ -502,8 +513,10 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval') -> dict[int, dict[
   model = mutils.create_model(config)
   compiled_loss = _jit_eval_loss(config, sde, model, parallel.data_mesh())
   results = {}
-  for ckpt in _checkpoint_indices(config, workdir):
-    variables, step = checkpointing.load_variables(config, workdir, checkpoint=ckpt, ema=True)
+  chosen = [checkpoint] if checkpoint is not None else _checkpoint_indices(config, workdir)
+  for source in chosen:
+    variables, step = checkpointing.load_variables(config, workdir, checkpoint=source, ema=True)
+    ckpt = _checkpoint_tag(source)
     result: dict[str, Any] = {'step': step}
     if config.eval.enable_loss:
       loss = eval_loss_over_split(config, sde, model, variables, compiled_loss=compiled_loss)
@@ -513,7 +526,7 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval') -> dict[int, dict[
         with open(os.path.join(eval_dir, f'ckpt_{ckpt}_loss.json'), 'w', encoding='utf-8') as f:
           json.dump({'ckpt': ckpt, 'step': step, 'mean_loss': loss['mean_loss'],
                      'num_examples': loss['num_examples']}, f, indent=2)
-      logging.info('checkpoint %d (step %s): eval loss %.5f over %d examples', ckpt, step,
+      logging.info('checkpoint %s (step %s): eval loss %.5f over %d examples', ckpt, step,
                    loss['mean_loss'], loss['num_examples'])
     if config.eval.enable_bpd:
       from scoresde.evaluation import bits_per_dim  # pylint: disable=import-outside-toplevel
@@ -523,3 +536,33 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval') -> dict[int, dict[
       result['samples'] = sample_quality.evaluate_samples(config, eval_dir, ckpt, model, variables, sde)
     results[ckpt] = result
   return results
+
+
+def import_checkpoint(config, workdir: str, path: str) -> str:
+  """``--mode=import``: a checkpoint of a reference implementation (a score_sde (JAX) file or a
+  score_sde_pytorch ``.pth``) becomes the permanent checkpoint of a new run directory, with
+  ``config.json``, so that ``--mode=eval``, ``sample`` and ``train`` (resume, fine-tune) use it as one of
+  ours (``checkpointing.import_checkpoint``). Returns the checkpoint directory written."""
+  validate_config(config, 'eval')
+  os.makedirs(workdir, exist_ok=True)
+  _, written = checkpointing.import_checkpoint(config, workdir, path)
+  check_resume_config(config, workdir)
+  return written
+
+
+# ----------------------------------------------------------------------------------------------------
+# Anomaly detection (evaluation/qa.py)
+
+
+def qa_calibrate(config, workdir: str, checkpoint=None):
+  """``--mode=qa_calibrate``: the threshold from the held-out clean split → ``workdir/qa_calibration.json``."""
+  validate_config(config, 'qa')
+  from scoresde.evaluation import qa  # pylint: disable=import-outside-toplevel
+  return qa.calibrate(config, workdir, checkpoint)
+
+
+def qa_check(config, workdir: str, input_path: str, checkpoint=None) -> dict[str, Any]:
+  """``--mode=qa --qa.input=PATH``: scores and decides the inputs → ``workdir/qa/<input>/report.json``."""
+  validate_config(config, 'qa')
+  from scoresde.evaluation import qa  # pylint: disable=import-outside-toplevel
+  return qa.run_qa(config, workdir, input_path, checkpoint)

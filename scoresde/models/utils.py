@@ -34,6 +34,7 @@ _MODEL_MODULES = {
     'ncsnv2_64': 'scoresde.models.ncsnv2',
     'ncsnv2_128': 'scoresde.models.ncsnv2',
     'ncsnv2_256': 'scoresde.models.ncsnv2',
+    'noise_conditional_wrn': 'scoresde.models.classifier',  # config.classifier.name (controllable.py)
 }
 _MODELS: dict[str, type[nn.Module]] = {}
 
