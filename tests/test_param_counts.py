@@ -80,6 +80,9 @@ PARAM_COUNTS = {
     've/toy_gmm': 215_234,
     'vp/toy_gmm': 215_170,
     'subvp/toy_gmm': 215_170,
+    # Anomaly detectors (configs/qa; NCSN++ at discrete noise levels)
+    'qa/digits': 986_177,
+    'qa/latents': 1_742_372,
 }
 
 # REFERENCE §3.7, row by row: the reference implementation's counts (jax.eval_shape of its modules).
