@@ -43,10 +43,6 @@ Denoiser = Callable[[Array, Array], Array]
 # ``index`` (a scalar, or (B,) for per-sample counters).
 Noise = Callable[[Array, Array], Array]
 
-# Points of the table that inverts σ̃(t), geometric in t over [eps, T].
-_INVERSION_TABLE = 4096
-
-
 @dataclasses.dataclass(frozen=True)
 class EDMView:
   """An SDE seen as x_t = s(t) (x_0 + σ̃(t) n), s and σ̃ read off ``sde.marginal_coeffs``."""
@@ -62,15 +58,13 @@ class EDMView:
     return self.coeffs(t)[1]
 
   def time_of_sigma(self, sigma: Array, eps: float) -> Array:
-    """t in [eps, T] with σ̃(t) ≈ sigma, read off a table of σ̃ (σ̃ increases with t for every SDE here),
-    so that no SDE's inverse schedule is typed twice. For build-time grids, not for traced loops: the
-    solvers evaluate σ̃ at the returned t again, so the table's interpolation error (relative 1e-6 in t)
-    moves a grid point slightly but never makes a coefficient disagree with the time it is used at."""
-    # log σ̃ is smooth in log t on all three SDEs (VP's σ̃ ∝ √t near 0, VE's log σ̃ ∝ t).
-    t = np.geomspace(eps, self.sde.T, _INVERSION_TABLE)
-    log_sigma = np.log(np.asarray(self.sigma(jnp.asarray(t)), np.float64))
-    log_t = np.interp(np.log(np.asarray(sigma, np.float64)), log_sigma, np.log(t))
-    return jnp.asarray(np.exp(log_t), jnp.asarray(sigma).dtype)
+    """t in [eps, T] with σ̃(t) = sigma (σ̃ clipped to [σ̃(eps), σ̃(T)]), by the SDE's own closed-form
+    inverse (``sde_lib.SDE.noise_level_time``: σ̃ is its noise-to-signal ratio). For build-time grids on
+    the host, not for traced loops."""
+    dtype = jnp.asarray(sigma).dtype
+    low, high = float(self.sigma(eps)), float(self.sigma(self.sde.T))
+    sigma = np.clip(np.asarray(sigma, np.float64), low, high)
+    return jnp.asarray(np.clip(self.sde.noise_level_time(sigma), eps, self.sde.T), dtype)
 
   def denoiser(self, score_fn: sde_lib.ScoreFn) -> Denoiser:
     """D(x̂, t) = x̂ + s σ̃² ∇ₓ log p_t(s x̂): Tweedie's E[x_0 | x_t] in EDM's variables."""

@@ -18,8 +18,8 @@ and therefore
 
 The proposal q(t) ∝ g²/s² of the paper's variance reduction (Sec. 5.1) thus has the CDF
 (log ρ(t)² - log ρ(eps)²) / Z with Z = log ρ(T)² - log ρ(eps)²: t ~ q is the time where log ρ reaches
-log ρ(eps) + u (log ρ(T) - log ρ(eps)), u ~ U(0, 1), found here by bisection on the SDE's own
-``marginal_coeffs`` (ρ increases with t). For VE, ρ = σ(t) is log-linear in t and q is uniform.
+log ρ(eps) + u (log ρ(T) - log ρ(eps)), u ~ U(0, 1), found in closed form by
+``sde.time_of_noise_to_signal`` (ρ increases with t). For VE, ρ = σ(t) is log-linear in t and q is uniform.
 With t ~ q, g² ‖s_θ + z/s‖² / ((T - eps) q(t)) = ‖s·s_θ + z‖² Z / (T - eps), whose mean over q is the
 mean of the likelihood-weighted loss over t ~ U(eps, T): the importance-sampled loss is unbiased.
 
@@ -37,10 +37,6 @@ import jax.numpy as jnp
 from scoresde import sde_lib
 
 Array = jax.Array
-
-# Halvings of [eps, T]; after 40 the bracket is below float32 resolution.
-BISECTION_STEPS = 40
-
 
 def log_noise_to_signal(sde: sde_lib.SDE, t: Array) -> Array:
   """log ρ(t) = log s(t) - log a(t) for t (B,): (B,)."""
@@ -60,18 +56,8 @@ def importance_normalizer(sde: sde_lib.SDE, eps: float) -> Array:
 def importance_time(rng: Array, sde: sde_lib.SDE, shape: tuple[int, ...], eps: float) -> Array:
   """Times of the given shape drawn from q(t) = g(t)² / (s(t)² Z) on [eps, T] (see the module doc)."""
   low_end, high_end = _log_ratio_at(sde, eps), _log_ratio_at(sde, sde.T)
-  target = low_end + jax.random.uniform(rng, shape).reshape(-1) * (high_end - low_end)
-
-  def halve(_, bracket):
-    low, high = bracket
-    mid = 0.5 * (low + high)
-    below = log_noise_to_signal(sde, mid) < target
-    return jnp.where(below, mid, low), jnp.where(below, high, mid)
-
-  low = jnp.full(target.shape, eps, jnp.float32)
-  high = jnp.full(target.shape, sde.T, jnp.float32)
-  low, high = jax.lax.fori_loop(0, BISECTION_STEPS, halve, (low, high))
-  return (0.5 * (low + high)).reshape(shape)
+  target = low_end + jax.random.uniform(rng, shape) * (high_end - low_end)
+  return jnp.clip(sde.time_of_noise_to_signal(jnp.exp(target)), eps, sde.T)
 
 
 def elbo(rng: Array, score_fn: sde_lib.ScoreFn, sde: sde_lib.SDE, x: Array, *, eps: float,

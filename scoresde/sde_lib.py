@@ -87,7 +87,7 @@ class SDE(abc.ABC):
     sigma = np.asarray(sigma, np.float64)
     if np.any(~np.isfinite(sigma)) or np.any(sigma <= 0):
       raise ValueError(f'noise levels must be positive and finite, got {sigma.tolist()}.')
-    t = self._noise_level_time(sigma)
+    t = self.time_of_noise_to_signal(sigma, np)
     outside = (t < -1e-6 * self.T) | (t > self.T * (1 + 1e-6))
     if np.any(outside):
       raise ValueError(f'noise level(s) {np.atleast_1d(sigma)[np.atleast_1d(outside)].tolist()} '
@@ -101,8 +101,10 @@ class SDE(abc.ABC):
       scale, std = self.marginal_coeffs(jnp.full((1,), t, jnp.float32))
       return float(std[0] / scale[0])
 
-  def _noise_level_time(self, sigma: np.ndarray) -> np.ndarray:
-    raise NotImplementedError(f'{type(self).__name__} does not invert its noise level.')
+  @abc.abstractmethod
+  def time_of_noise_to_signal(self, ratio: Array, xp=jnp) -> Array:
+    """The t with s(t)/a(t) = ``ratio``, in closed form, unchecked: traced on device with ``xp=jnp``
+    (importance sampling of t), or in float64 on the host with ``xp=np`` (``noise_level_time``)."""
 
   def discrete_time(self, t: Array) -> Array:
     """t (N-1) / T, (B,) float: where t lies on the grid of the N discrete steps."""
@@ -180,17 +182,15 @@ class _LinearBetaSDE(SDE):
     """L(t) = -∫_0^t β(s) ds / 2 = -t²(β₁-β₀)/4 - tβ₀/2 (eq. 29)."""
     return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
 
-  def _neg_log_mean_at(self, sigma: np.ndarray) -> np.ndarray:
-    """-L(t_σ), where s/a = σ (VP: s/a = √(e^{-2L} - 1))."""
-    return 0.5 * np.log1p(sigma**2)
+  def _neg_log_mean_at(self, ratio: Array, xp) -> Array:
+    """-L(t), where s/a = ratio (VP: s/a = √(e^{-2L} - 1))."""
+    return 0.5 * xp.log1p(ratio**2)
 
-  def _noise_level_time(self, sigma):
-    # -L(t) = t²(β₁-β₀)/4 + tβ₀/2 = c: the positive root of the quadratic.
-    c = self._neg_log_mean_at(sigma)
-    slope = self.beta_1 - self.beta_0
-    if slope == 0:
-      return 2. * c / self.beta_0
-    return (np.sqrt(0.25 * self.beta_0**2 + slope * c) - 0.5 * self.beta_0) / (0.5 * slope)
+  def time_of_noise_to_signal(self, ratio: Array, xp=jnp) -> Array:
+    # -L(t) = t²(β₁-β₀)/4 + tβ₀/2 = c: the positive root of the quadratic, written without the
+    # cancellation of (√(β₀²/4 + (β₁-β₀)c) - β₀/2) at small c (float32 on device).
+    c = self._neg_log_mean_at(ratio, xp)
+    return 2. * c / (0.5 * self.beta_0 + xp.sqrt(0.25 * self.beta_0**2 + (self.beta_1 - self.beta_0) * c))
 
   def discrete_beta(self, index: Array) -> Array:
     """DDPM's β_i = (β₀ + i (β₁-β₀)/(N-1)) / N in closed form, (B,), for a traced step ``index``.
@@ -257,9 +257,9 @@ class subVPSDE(_LinearBetaSDE):  # pylint: disable=invalid-name  (the reference'
     discount = -jnp.expm1(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t**2)
     return batch_mul(-0.5 * beta_t, x), jnp.sqrt(beta_t * discount)
 
-  def _neg_log_mean_at(self, sigma):
-    # s/a = e^{-L} - e^{L} = σ: e^{-L} is the positive root of u - 1/u = σ.
-    return np.log(0.5 * (sigma + np.sqrt(sigma**2 + 4.)))
+  def _neg_log_mean_at(self, ratio, xp):
+    # s/a = e^{-L} - e^{L} = ratio: -L = asinh(ratio / 2).
+    return xp.arcsinh(0.5 * ratio)
 
   def marginal_coeffs(self, t):
     log_mean = self.log_mean_coeff(t)
@@ -287,8 +287,8 @@ class VESDE(SDE):
   def sigma(self, t: Array) -> Array:
     return self.sigma_min * (self.sigma_max / self.sigma_min)**t
 
-  def _noise_level_time(self, sigma):
-    return np.log(sigma / self.sigma_min) / np.log(self.sigma_max / self.sigma_min)
+  def time_of_noise_to_signal(self, ratio, xp=jnp):
+    return xp.log(ratio / self.sigma_min) / np.log(self.sigma_max / self.sigma_min)
 
   def sde(self, x, t):
     diffusion = self.sigma(t) * np.sqrt(2 * (np.log(self.sigma_max) - np.log(self.sigma_min)))
