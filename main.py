@@ -6,7 +6,8 @@
   python main.py --config=... --workdir=runs/digits --mode=sample [--checkpoint=3 | PATH | model.pth]
   python main.py --config=... --workdir=runs/digits --mode=fid_stats
   python main.py --config=... --workdir=runs/digits --mode=train_classifier  # into workdir/classifier
-  python main.py --config=... --workdir=runs/digits --mode=sample --config.sampling.condition=class
+  python main.py --config=... --workdir=runs/digits --mode=sample --class_label=3 --guidance_scale=2
+  python main.py --config=... --workdir=runs/digits --mode=sample --inpaint.mask=lower_half
   python main.py --config=... --workdir=runs/cifar10 --mode=import --checkpoint=checkpoint_26  # or a .pth
   python main.py --config=configs/qa/digits.py --workdir=runs/qa --mode=qa_calibrate  # anomaly threshold
   python main.py --config=configs/qa/digits.py --workdir=runs/qa --mode=qa --qa.input=inputs.npz
@@ -45,11 +46,48 @@ flags.DEFINE_bool('allow_config_change', False,
                   'what is learned (model, SDE, data, optimizer, ...); without it such a resume is refused. '
                   'n_iters, the log/eval/preemption frequencies, eval.* and sampling.* may always change '
                   '(run_lib.RESUME_MUTABLE_KEYS).')
+flags.DEFINE_integer('class_label', None, '--mode=sample: guide every sample to this class (-1 cycles '
+                     'through the classes); sets config.sampling.class_label and condition=class.')
+flags.DEFINE_float('guidance_scale', None, '--mode=sample: the classifier guidance scale w (1 is Bayes\' '
+                   'rule); sets config.sampling.guidance_scale and condition=class.')
+flags.DEFINE_string('inpaint.input', None, '--mode=sample: images to inpaint, a .npy or .png (default the '
+                    'test split); sets config.sampling.condition_input and condition=inpaint.')
+flags.DEFINE_string('inpaint.mask', None, '--mode=sample: the region to fill in (lower_half, upper_half, '
+                    'left_half, right_half, center) or a .png/.npy mask, 1 = known; sets '
+                    'config.sampling.inpaint_mask and condition=inpaint.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port of process 0.')
 flags.DEFINE_integer('num_processes', 1, 'Multi-process: number of processes.')
 flags.DEFINE_integer('process_id', 0, 'Multi-process: this process.')
 flags.DEFINE_bool('jax_distributed', False, 'Call jax.distributed.initialize() with cluster auto-detection.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+# --mode=sample's shorthands: flag -> (the config.sampling key it sets, the condition it implies). The
+# config keys stay the single source of truth; a flag only sets one.
+CONDITION_FLAGS = {'class_label': ('class_label', 'class'),
+                   'guidance_scale': ('guidance_scale', 'class'),
+                   'inpaint.input': ('condition_input', 'inpaint'),
+                   'inpaint.mask': ('inpaint_mask', 'inpaint')}
+
+
+def apply_condition_flags(config, values: dict[str, object]) -> None:
+  """Sets ``config.sampling``'s key for each condition flag given (``values``: flag name -> value, None
+  when not given) and ``config.sampling.condition`` to the condition they imply, before the config is
+  validated. A config that asks for another condition is an error, not silently overridden."""
+  given = {name: value for name, value in values.items() if value is not None}
+  if not given:
+    return
+  implied = {CONDITION_FLAGS[name][1] for name in given}
+  flag_list = ', '.join(f'--{name}' for name in given)
+  if len(implied) > 1:
+    raise ValueError(f'{flag_list} ask for different conditions ({sorted(implied)}); give the flags of one.')
+  condition = implied.pop()
+  current = str(config.sampling.condition).lower()
+  if current not in ('none', condition):
+    raise ValueError(f'{flag_list} imply config.sampling.condition={condition!r}, but the config sets '
+                     f'{current!r}; drop the flags or the --config.sampling.condition override.')
+  config.sampling.condition = condition
+  for name, value in given.items():
+    config.sampling[CONDITION_FLAGS[name][0]] = value
 
 
 def _not_orbax_info(record: py_logging.LogRecord) -> bool:
@@ -76,6 +114,11 @@ def main(argv):
   elif FLAGS.jax_distributed:
     jax.distributed.initialize()
   config, workdir = FLAGS.config, FLAGS.workdir
+  condition_flags = {name: FLAGS[name].value for name in CONDITION_FLAGS}
+  if FLAGS.mode == 'sample':
+    apply_condition_flags(config, condition_flags)
+  elif any(value is not None for value in condition_flags.values()):
+    raise app.UsageError(f'--{", --".join(CONDITION_FLAGS)} apply to --mode=sample only.')
   _log_to_file(workdir)
   logging.info('mode=%s workdir=%s process %d/%d, %d devices', FLAGS.mode, workdir, jax.process_index(),
                jax.process_count(), jax.device_count())

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scoresde import datasets  # pylint: disable=wrong-import-position
-from scoresde import evaluation  # pylint: disable=wrong-import-position
+from scoresde.evaluation import metrics  # pylint: disable=wrong-import-position
 from scoresde.infra import images  # pylint: disable=wrong-import-position
 from configs import default_cifar10_configs  # pylint: disable=wrong-import-position
 from scoresde.evaluation import inception  # pylint: disable=wrong-import-position

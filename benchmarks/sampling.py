@@ -57,6 +57,10 @@ flags.DEFINE_integer('cifar_steps', 2, 'PC steps actually run for the CIFAR-shap
 flags.DEFINE_bool('skip_cifar', False, 'Skip the CIFAR-shaped model.')
 flags.DEFINE_bool('skip_models', False, 'Only run the Gaussian-mixture quality sweep.')
 flags.DEFINE_bool('skip_mixture', False, 'Skip the Gaussian-mixture quality sweep.')
+flags.DEFINE_bool('digits_fid', False, 'Only the digits FID / IS / KID per sampler and NFE of the checkpoint in '
+                  '--workdir (the demo\'s eval setting), with its plot (--plot).')
+flags.DEFINE_string('plot', os.path.join(ROOT, 'assets', 'digits_fid_vs_nfe.png'),
+                    'Where --digits_fid writes its FID-vs-NFE plot.')
 flags.DEFINE_bool('fast_only', False, 'Only the fast samplers: their mixture sweep, convergence orders and '
                   'model timings.')
 
@@ -289,6 +293,87 @@ def fast_model_benchmarks():
                 datasets.get_data_inverse_scaler(config))
 
 
+# (label, config.sampling keys) of the digits study: each fixed-step sampler at NFE ≈ 10, 20, 35, 50;
+# GGF at two tolerances (it chooses its NFE); PC (the default, N = 500 with a corrector: 1,000 NFE) and the
+# adaptive ODE as the references.
+_DIGITS_FID_SETTINGS = (
+    [('pc', {'method': 'pc'}), ('ode', {'method': 'ode'})]
+    + [(f'heun_{n}', {'method': 'heun', 'num_steps': n}) for n in (5, 10, 18, 25)]
+    + [(f'dpm2m_{n}', {'method': 'dpm_solver++', 'num_steps': n}) for n in (10, 20, 35, 50)]
+    + [(f'dpm3_{n}', {'method': 'dpm_solver++', 'dpm_order': 3, 'num_steps': n}) for n in (4, 7, 12, 17)]
+    + [(f'edm_sde_{n}', {'method': 'edm_sde', 'num_steps': n}) for n in (5, 10, 18, 25)]
+    + [(f'ggf_{r:g}', {'method': 'ggf', 'ggf_rtol': r}) for r in (0.1, 0.05)])
+
+
+def digits_fid_vs_nfe(workdir: str, plot_path: str) -> None:
+  """Digits-FID / IS / KID of 300 samples against the test split (``--mode=eval``'s setting, through
+  the same ``evaluate_samples``; rounds of 100, seed 0) of the EMA checkpoint in ``workdir`` for every
+  sampler in ``_DIGITS_FID_SETTINGS``; a markdown table and a PNG plot of FID against NFE."""
+  from scoresde.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
+  config, model, variables, source = _model('configs.ve.digits_ncsnpp_continuous', workdir)
+  if source == 'random init':
+    raise ValueError(f'--digits_fid needs a trained checkpoint in --workdir; {workdir!r} has none.')
+  sde = sde_lib.get_sde(config)
+  print(f'\n## Digits FID vs NFE: {source}, {config.eval.num_samples} samples against the test split')
+  print('| sampler | setting | NFE | FID | IS | KID ×1e4 | wall (s, incl. compile) |')
+  print('|---|---|---|---|---|---|---|')
+  results = []
+  for label, keys in _DIGITS_FID_SETTINGS:
+    variant = config.copy_and_resolve_references()
+    variant.sampling.update(keys)
+    report = sample_quality.evaluate_samples(variant, os.path.join(workdir, 'fid_vs_nfe'), label, model,
+                                             variables, sde, show_progress=False)
+    setting = ', '.join(f'{k}={v}' for k, v in keys.items() if k != 'method') or 'default'
+    print(f'| {keys["method"]} | {setting} | {report["nfe_mean"]:.0f} | {report["fid"]:.2f} | '
+          f'{report["is"]:.2f} | {report["kid"] * 1e4:.0f} | {report["seconds"]:.0f} |', flush=True)
+    results.append((label, keys, report['nfe_mean'], report['fid']))
+  _plot_fid_vs_nfe(results, plot_path)
+  print(f'plot: {plot_path}')
+
+
+def _plot_fid_vs_nfe(results, path: str) -> None:
+  """FID against NFE (log scale), one line per sampler, PC and the ODE as labelled points (PIL: no
+  plotting library is a dependency)."""
+  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+  lines: dict[str, list[tuple[float, float]]] = {}
+  for label, keys, nfe, fid in results:
+    name = keys['method'] + (' (3rd order)' if keys.get('dpm_order') == 3 else '')
+    lines.setdefault(name, []).append((nfe, fid))
+  width, height, margin = 640, 420, 60
+  lo_n, hi_n = 8., 1.3 * max(n for pts in lines.values() for n, _ in pts)
+  hi_f = 1.1 * max(f for pts in lines.values() for _, f in pts)
+  to_px = lambda n, f: (margin + (np.log(n / lo_n) / np.log(hi_n / lo_n)) * (width - 2 * margin),
+                        height - margin - f / hi_f * (height - 2 * margin))
+  image = Image.new('RGB', (width + 150, height), (255, 255, 255))
+  draw = ImageDraw.Draw(image)
+  draw.line([to_px(lo_n, 0), to_px(hi_n, 0)], fill=(0, 0, 0))
+  draw.line([to_px(lo_n, 0), to_px(lo_n, hi_f)], fill=(0, 0, 0))
+  for tick in (10, 20, 35, 50, 100, 200, 500, 1000):
+    if lo_n <= tick <= hi_n:
+      x, y = to_px(tick, 0)
+      draw.line([(x, y), (x, y + 4)], fill=(0, 0, 0))
+      draw.text((x - 8, y + 6), str(tick), fill=(0, 0, 0))
+  step = 5 if hi_f < 60 else 20
+  for tick in range(0, int(hi_f) + 1, step):
+    x, y = to_px(lo_n, tick)
+    draw.line([(x - 4, y), (x, y)], fill=(0, 0, 0))
+    draw.text((x - 28, y - 6), str(tick), fill=(0, 0, 0))
+  draw.text((width // 2 - 60, height - 25), 'NFE (log scale)', fill=(0, 0, 0))
+  draw.text((8, 8), 'digits FID (300 samples vs test split)', fill=(0, 0, 0))
+  colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+            (227, 119, 194)]
+  for i, (name, pts) in enumerate(sorted(lines.items())):
+    color = colors[i % len(colors)]
+    pts = sorted(pts)
+    xy = [to_px(n, f) for n, f in pts]
+    if len(xy) > 1:
+      draw.line(xy, fill=color, width=2)
+    for x, y in xy:
+      draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+    draw.text((width + 5, 40 + 18 * i), name, fill=color)
+  image.save(path)
+
+
 def model_benchmarks():
   config, model, variables, source = _model('configs.ve.digits_ncsnpp_continuous', FLAGS.workdir)
   inverse = datasets.get_data_inverse_scaler(config)
@@ -329,6 +414,9 @@ def main(argv):
   del argv
   print(f'sampling benchmark: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} on '
         f'{jax.devices()[0].platform} x{jax.device_count()}')
+  if FLAGS.digits_fid:
+    digits_fid_vs_nfe(FLAGS.workdir, FLAGS.plot)
+    return
   if not FLAGS.skip_mixture:
     if not FLAGS.fast_only:
       mixture_sweep()

@@ -28,9 +28,13 @@ def get_default_configs():
   # ours: continuous DSM only at these noise levels (data units; SDE.noise_level_time), () = t ~ U(eps, T)
   training.dsm_sigmas = ()
   training.dsm_unit_weighting = False  # ours: λ = 1, the loss ‖s + z/σ‖² (the anomaly residual itself)
+  # ours: the network's compute dtype, 'float32' or 'bfloat16' (parameters, optimizer state and EMA stay
+  # float32; models/utils.with_compute_dtype)
+  training.dtype = 'float32'
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = 'pc'
+  sampling.dtype = 'float32'  # ours: compute dtype of every eval-mode score (sampling, likelihood, QA)
   sampling.predictor = 'reverse_diffusion'
   sampling.corrector = 'langevin'
   sampling.n_steps_each = 1
@@ -44,7 +48,8 @@ def get_default_configs():
   sampling.ode_atol = 1e-5
   # ours: the fast samplers (method 'heun', 'edm_sde', 'dpm_solver++', 'ggf'; scoresde/fast_samplers.py)
   sampling.num_steps = 18  # fixed-step methods' times incl. the last step to σ = 0 (EDM: 18 → Heun's 35 NFE)
-  sampling.schedule = 'edm'  # 'edm' (ρ-schedule in σ), 'uniform_t', 'logsnr'
+  sampling.schedule = 'auto'  # 'edm' (ρ-schedule in σ), 'uniform_t', 'logsnr'; 'auto': uniform_t for heun
+  # on VP and sub-VP, else edm (measured; scoresde/fast_samplers.resolve_schedule)
   sampling.rho = 7.  # EDM's ρ
   sampling.dpm_order = 2  # 2: DPM-Solver++(2M) multistep; 3: third-order single-step DPM-Solver
   sampling.s_churn = 10.  # edm_sde: EDM Alg. 2's stochasticity; EDM tunes these per model (its Table 5)

@@ -28,10 +28,10 @@ How the substitution is done per sampler (``config.sampling.method``):
   x_Ω(t) = a(t) x_Ω(0) + s(t) ε with ε fixed: the sampler itself keeps the known part noised to the current
   time, which is the substitution with a fixed noise draw, for any solver without a hook into its steps
   (the data-prediction solvers see D(x) = x_Ω(0) there, exactly).
-- ``ode`` (diffrax, adaptive): refused. It evaluates the score of each sample separately under ``vmap``,
-  so per-sample conditions (known values, class labels) held by a score function cannot be matched to
-  their samples; ``heun`` and ``dpm_solver++`` integrate the same probability-flow ODE. The score
-  functions built here raise a ValueError if a sampler calls them on a batch other than theirs.
+- ``ode`` (diffrax, adaptive): as the fast samplers, with ``known_part_score_fn``. It solves each sample
+  separately under ``vmap``; the score functions built here are ``sampling.ConditionalScore``s, whose
+  per-sample conditions (known values and masks, class labels) it splits by row, so each sample's solve
+  sees its own. They raise a ValueError if a sampler calls them on a batch other than theirs.
 
 Each inpainter returns the **denoised mean** of its last step in the unknown part (the sampler's
 ``noise_removal``) and the known values exactly. The reference's ``get_pc_inpainter`` returned
@@ -68,26 +68,23 @@ COLORIZATION_MATRIX = np.array([[1 / np.sqrt(3), -2 / np.sqrt(6), 0.],
                                 [1 / np.sqrt(3), 1 / np.sqrt(6), -1 / np.sqrt(2)]], np.float32)
 
 
-_as_pytree = sampling._as_pytree  # pylint: disable=protected-access  (score functions as jit arguments)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Class-conditional scores (Sec. 5, eq. 14).
 
 
 def _check_batch(x: Array, conditions: Array, what: str) -> None:
-  """Per-sample conditions must meet the whole batch. The adaptive ODE sampler (``method='ode'``)
-  evaluates the score of each sample separately under ``vmap``, so row b of the conditions cannot be
-  matched to its sample there: refuse at trace time instead of mixing every sample's conditions."""
+  """Row b of the conditions is sample b's: refuse at trace time, instead of broadcasting every sample's
+  conditions over another batch (a sampler built for another batch size, or a score function nested
+  inside another ``ConditionalScore``, whose rows the ODE sampler does not split)."""
   if x.shape[0] != conditions.shape[0]:
     raise ValueError(
         f'the score was called on a batch of {x.shape[0]} but holds {what} for {conditions.shape[0]} '
-        "samples. config.sampling.method='ode' solves each sample separately and cannot carry per-sample "
-        "conditions; use 'pc' or a fixed-step probability-flow solver ('heun', 'dpm_solver++').")
+        'samples: build it with one row per sample of the sampler\'s batch (shape[0], '
+        'config.eval.batch_size), and pass it to the sampler itself, not wrapped in another score function.')
 
 
-def _guided_score(score_fn: ScoreFn, classifier_logits_fn: LogitsFn, y: Array, scale: Array,
-                  x: Array, t: Array) -> Array:
+def _guided_score(score_fn: ScoreFn, classifier_logits_fn: LogitsFn, scale: Array, x: Array, t: Array,
+                  y: Array) -> Array:
   _check_batch(x, y, 'class labels')
   def log_likelihood(x):
     # A sum of per-example log p_t(y_b | x_b): its gradient is each example's own, as long as the
@@ -98,7 +95,7 @@ def _guided_score(score_fn: ScoreFn, classifier_logits_fn: LogitsFn, y: Array, s
 
 
 def guided_score_fn(score_fn: ScoreFn, classifier_logits_fn: LogitsFn, y, scale: float = 1.0
-                    ) -> jax.tree_util.Partial:
+                    ) -> sampling.ConditionalScore:
   """The class-conditional score ∇ log p_t(x) + w ∇ₓ log p_t(y | x) (Song et al. 2021, eq. 14).
 
   Args:
@@ -109,16 +106,20 @@ def guided_score_fn(score_fn: ScoreFn, classifier_logits_fn: LogitsFn, y, scale:
     scale: the guidance scale w; 1 is Bayes' rule, 0 unconditional sampling.
 
   Returns:
-    ``score_fn(x, t)``, a ``jax.tree_util.Partial`` whose arrays (``y``, ``scale``, and those of the
-    score and classifier functions when they are Partials) are ``jit`` arguments: new labels, scales or
-    weights reuse a compiled sampler. It costs one score and one classifier forward and backward pass.
+    ``score_fn(x, t)``, a ``sampling.ConditionalScore`` with the labels as its per-sample conditions (so
+    every sampler, the per-sample ODE solves included, matches label b to sample b); its arrays (``y``,
+    ``scale``, and those of the score and classifier functions when they are Partials) are ``jit``
+    arguments: new labels, scales or weights reuse a compiled sampler. It costs one score and one
+    classifier forward and backward pass.
   """
   y = jnp.asarray(y)
   if y.ndim != 1 or not jnp.issubdtype(y.dtype, jnp.integer):
     raise ValueError(f'y must be a (B,) integer array of class labels, got shape {y.shape} and dtype '
                      f'{y.dtype}.')
-  return jax.tree_util.Partial(_guided_score, _as_pytree(score_fn), _as_pytree(classifier_logits_fn),
-                               y.astype(jnp.int32), jnp.float32(scale))
+  return sampling.ConditionalScore(
+      jax.tree_util.Partial(_guided_score, sampling.as_pytree(score_fn),
+                            sampling.as_pytree(classifier_logits_fn), jnp.float32(scale)),
+      y.astype(jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,11 +128,12 @@ def guided_score_fn(score_fn: ScoreFn, classifier_logits_fn: LogitsFn, y, scale:
 
 @dataclasses.dataclass(frozen=True)
 class _KnownPartScore:
-  """(score_fn, known, mask, x, t) -> score for one SDE; equal for the same SDE object, so ``jit`` caches
-  one program for all known values."""
+  """(score_fn, x, t, (known, mask)) -> score for one SDE; equal for the same SDE object, so ``jit``
+  caches one program for all known values."""
   sde: sde_lib.SDE
 
-  def __call__(self, score_fn: ScoreFn, known: Array, mask: Array, x: Array, t: Array) -> Array:
+  def __call__(self, score_fn: ScoreFn, x: Array, t: Array, conditions: tuple[Array, Array]) -> Array:
+    known, mask = conditions
     _check_batch(x, known, 'known values')
     scale, std = self.sde.marginal_coeffs(t)
     point_mass = -sde_lib.batch_mul(1. / std**2, x - sde_lib.batch_mul(scale, known))
@@ -139,7 +141,7 @@ class _KnownPartScore:
 
 
 def known_part_score_fn(sde: sde_lib.SDE, score_fn: ScoreFn, known: Array, mask: Array
-                        ) -> jax.tree_util.Partial:
+                        ) -> sampling.ConditionalScore:
   """``score_fn(x, t)`` with the known coordinates (``mask`` 1) scored as a point mass at ``known``:
   -(x_Ω - a(t) known) / s(t)², and the others by ``score_fn`` at the whole x (its known coordinates
   being the sampler's noised known values).
@@ -147,10 +149,12 @@ def known_part_score_fn(sde: sde_lib.SDE, score_fn: ScoreFn, known: Array, mask:
   The probability-flow ODE of a point mass moves x_Ω(t) = a(t) known + s(t) ε with ε constant, so a
   deterministic sampler run with this score keeps the known part noised to the current time: the
   paper's substitution (App. I.2) with a fixed noise draw, for samplers without a hook into their steps.
-  ``known`` and ``mask`` are (B, ...) like x; they are ``jit`` arguments of the Partial.
+  ``known`` and ``mask`` are (B, ...) like x: the per-sample conditions of the returned
+  ``sampling.ConditionalScore`` (``jit`` arguments).
   """
-  return jax.tree_util.Partial(_KnownPartScore(sde), _as_pytree(score_fn), jnp.asarray(known),
-                               jnp.asarray(mask))
+  return sampling.ConditionalScore(
+      jax.tree_util.Partial(_KnownPartScore(sde), sampling.as_pytree(score_fn)),
+      (jnp.asarray(known), jnp.asarray(mask)))
 
 
 def _broadcast_inputs(shape: tuple[int, ...], known, mask) -> tuple[Array, Array]:
@@ -173,7 +177,7 @@ def _pc_inpainter(config, sde: sde_lib.SDE, shape: tuple[int, ...], eps: float) 
   cfg = config.sampling
   predictor = sampling.get_predictor(cfg.predictor)(sde, cfg.probability_flow)
   corrector = sampling.get_corrector(cfg.corrector)(sde, cfg.snr, cfg.n_steps_each, cfg.langevin_per_sample)
-  base = sampling._ShardedSampler(sde, shape, None)  # pylint: disable=protected-access
+  base = sampling.ShardedSampler(sde, shape, None)
   timesteps = jnp.linspace(sde.T, eps, sde.N)
   # The time the state has after the predictor's step from timesteps[i]; the last one is replaced by
   # the known values themselves.
@@ -214,7 +218,7 @@ def _pc_inpainter(config, sde: sde_lib.SDE, shape: tuple[int, ...], eps: float) 
   def inpaint(rng: Array, score_fn: ScoreFn, known: Array, mask: Array,
               first_index: int = 0) -> tuple[Array, int]:
     known, mask = _broadcast_inputs(shape, known, mask)
-    rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
+    rng, score_tree, first = base.replicate((rng, sampling.as_pytree(score_fn), jnp.uint32(first_index)))
     return run(rng, score_tree, known, mask, first), nfe
 
   return inpaint
@@ -261,13 +265,9 @@ def get_inpainter(config, sde: sde_lib.SDE, shape, eps: float | None = None,
     equal ``known`` there exactly and are the denoised mean of the last step elsewhere (when
     ``config.sampling.noise_removal``); nfe is the number of score evaluations per sample.
   """
-  shape = sampling._check_shape(shape)  # pylint: disable=protected-access
+  shape = sampling.check_shape(shape)
   eps = _check_eps(config, sde, eps)
   method = str(config.sampling.method).lower()
-  if method == 'ode':
-    raise ValueError("config.sampling.method='ode' solves each sample separately and cannot carry "
-                     "per-sample known values; inpaint with 'pc' (the paper's) or a fixed-step "
-                     "probability-flow solver ('heun', 'dpm_solver++').")
   inner = _pc_inpainter(config, sde, shape, eps) if method == 'pc' else _sampler_inpainter(
       config, sde, shape, eps)
   inverse_scaler = inverse_scaler if inverse_scaler is not None else (lambda x: x)
@@ -327,7 +327,7 @@ def get_colorizer(config, sde: sde_lib.SDE, shape, eps: float | None = None,
     if grey.shape[:-1] != shape[:-1] or grey.shape[-1] not in (1, 3):
       raise ValueError(f'grey has shape {grey.shape}; expected {shape[:-1] + (1,)} or {shape}.')
     known = decouple(jnp.broadcast_to(jnp.mean(grey, -1, keepdims=True), shape))
-    u, nfe = inpaint(rng, jax.tree_util.Partial(_decoupled_score, _as_pytree(score_fn)),
+    u, nfe = inpaint(rng, jax.tree_util.Partial(_decoupled_score, sampling.as_pytree(score_fn)),
                      known, mask, first_index)
     return inverse_scaler(couple(u)), nfe
 

@@ -10,7 +10,8 @@ Conditional sampling (``config.sampling.condition``; Song et al. 2021, Sec. 5 an
 ``controllable``): ``inpaint`` fills the region named by ``config.sampling.inpaint_mask`` of the inputs
 (``config.sampling.condition_input``, default the first test images), ``colorize`` colours their grey
 levels, ``class`` guides the sampler with the classifier trained by ``--mode=train_classifier``
-(``config.sampling.class_label``, ``guidance_scale``). It writes ``conditional_<round>.npz`` (samples,
+(``config.sampling.class_label``, ``guidance_scale``); ``main.py``'s ``--class_label``,
+``--guidance_scale``, ``--inpaint.input`` and ``--inpaint.mask`` set these keys. It writes ``conditional_<round>.npz`` (samples,
 and the inputs, masks or labels) and ``conditional.png``: for inpainting the masked input, the mask and
 the completion side by side per example; for colorization the grey input and the result; for classes
 the samples ordered by label.

@@ -187,10 +187,14 @@ def get_loss_fn(config, sde: sde_lib.SDE, model, train: bool) -> LossFn:
   """``loss_fn(rng, params, x) -> (B,)`` for the configured objective and network.
 
   In training mode ``rng`` also drives dropout. ``x`` is already scaled (``datasets.get_data_scaler``).
+  The network computes in ``config.training.dtype`` (``models.utils.with_compute_dtype``): ``params``
+  stay float32, so their gradients, the optimizer state and the EMA do, and the loss is float32.
   """
   check_objective(config)
   check_dsm_levels(config)
   training = config.training
+  mutils.compute_dtype(training.dtype, 'config.training.dtype')
+  dtype = str(training.dtype)
   reduce_mean = bool(training.reduce_mean)
   times = sde.noise_level_time(list(training.dsm_sigmas)) if training.dsm_sigmas else None
 
@@ -198,11 +202,12 @@ def get_loss_fn(config, sde: sde_lib.SDE, model, train: bool) -> LossFn:
     rng, dropout_rng = jax.random.split(rng)
     variables = {'params': params}
     if not training.continuous:
-      model_fn = mutils.get_model_fn(model, variables, train=train, rng=dropout_rng)
+      model_fn = mutils.get_model_fn(model, variables, train=train, rng=dropout_rng, dtype=dtype)
       if isinstance(sde, sde_lib.VESDE):
         return smld_loss(rng, model_fn, sde, x, reduce_mean=reduce_mean)
       return ddpm_loss(rng, model_fn, sde, x, reduce_mean=reduce_mean)
-    score_fn = mutils.get_score_fn(sde, model, variables, train=train, continuous=True, rng=dropout_rng)
+    score_fn = mutils.get_score_fn(sde, model, variables, train=train, continuous=True, rng=dropout_rng,
+                                   dtype=dtype)
     if training.sliced_score_matching:
       return ssm_loss(rng, score_fn, sde, x, reduce_mean=reduce_mean,
                       variance_reduction=bool(training.ssm_variance_reduction),

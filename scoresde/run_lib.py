@@ -48,6 +48,7 @@ def validate_config(config, mode: str = 'train') -> None:
   datasets.validate_data_config(config)
   mutils.validate_model_config(config)
   mutils.check_input_shape(config, datasets.data_shape(config))
+  mutils.check_precision(config)
   losses.check_objective(config)
   losses.check_dsm_levels(config)
   losses.get_optimizer(config)

@@ -10,7 +10,9 @@ Every sampler takes any ``score_fn(x, t)``: an exact analytic score (``gaussian_
 network or an imported checkpoint (``models.utils.network_score_fn``). A plain Python callable is compiled once per
 function object with whatever it closes over baked in as constants; a ``jax.tree_util.Partial`` is a
 pytree, so its arguments (a network's variables) are ``jit`` arguments and new weights of the same shapes
-reuse the compiled sampler.
+reuse the compiled sampler. A ``ConditionalScore`` also declares per-sample conditions (class labels,
+known values: ``controllable``), which every sampler, the per-sample ODE solves included, matches to
+their samples.
 
 Data parallelism and seeds: the batch is sharded over every device of every process (``parallel``), the
 score function's arrays are replicated. Sample ``i`` draws all its randomness from
@@ -284,19 +286,68 @@ class NoneCorrector(Corrector):
 # Score functions as jit arguments.
 
 
-def _as_pytree(score_fn: ScoreFn) -> jax.tree_util.Partial:
-  if isinstance(score_fn, jax.tree_util.Partial):
+@jax.tree_util.register_pytree_node_class
+class ConditionalScore:
+  """``score_fn(x, t) = conditional_fn(x, t, conditions)``, with ``conditions`` a pytree of per-sample
+  arrays (B, ...): row b is sample b's class label, known values or mask.
+
+  Every sampler calls it as a plain score function on the whole batch. Declaring which arrays belong to
+  which sample is what lets the adaptive ODE sampler, which solves each sample separately under
+  ``vmap``, hand each solve its own rows (as a batch of one) instead of the whole batch's. It is a
+  pytree: ``conditions`` and the arrays of ``conditional_fn`` (a ``jax.tree_util.Partial``) are ``jit``
+  arguments, so new conditions reuse a compiled sampler.
+  """
+
+  def __init__(self, conditional_fn: Callable[[Array, Array, object], Array], conditions):
+    self.conditional_fn = as_pytree(conditional_fn)
+    self.conditions = conditions
+
+  def __call__(self, x: Array, t: Array) -> Array:
+    return self.conditional_fn(x, t, self.conditions)
+
+  def tree_flatten(self):
+    return (self.conditional_fn, self.conditions), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    # Not through __init__: jax also unflattens with placeholders (vmap axes, tracers' avals).
+    score = object.__new__(cls)
+    score.conditional_fn, score.conditions = children
+    return score
+
+
+def as_pytree(score_fn: ScoreFn) -> jax.tree_util.Partial | ConditionalScore:
+  """``score_fn`` as a pytree whose arrays are ``jit`` arguments: a Partial or ``ConditionalScore`` as
+  it is, any other callable as a Partial (compiled with whatever it closes over as constants)."""
+  if isinstance(score_fn, (jax.tree_util.Partial, ConditionalScore)):
     return score_fn
   if not callable(score_fn):
     raise TypeError(f'score_fn must be a callable score_fn(x, t), got {type(score_fn).__name__}.')
   return jax.tree_util.Partial(score_fn)
 
 
+def _per_sample_rows(score_tree, batch_size: int):
+  """(score_tree with each condition reshaped to (B, 1, ...), its ``vmap`` axes): mapped over a batch,
+  each sample's solve sees a ``ConditionalScore`` holding only its own conditions, as a batch of one
+  like its state; any other score function is shared (axes None)."""
+  if not isinstance(score_tree, ConditionalScore):
+    return score_tree, None
+  def rows(condition):
+    if jnp.ndim(condition) == 0 or jnp.shape(condition)[0] != batch_size:
+      raise ValueError(f'a ConditionalScore condition has shape {jnp.shape(condition)}; the sampler was '
+                       f'built for a batch of {batch_size}: every condition needs one row per sample.')
+    return jnp.reshape(condition, (batch_size, 1) + jnp.shape(condition)[1:])
+  axes = ConditionalScore.tree_unflatten(None, (None, 0))
+  return ConditionalScore.tree_unflatten(None, (score_tree.conditional_fn,
+                                               jax.tree_util.tree_map(rows, score_tree.conditions))), axes
+
+
 # ----------------------------------------------------------------------------------------------------
 # Samplers.
 
 
-def _check_shape(shape) -> tuple[int, ...]:
+def check_shape(shape) -> tuple[int, ...]:
   shape = tuple(int(s) for s in shape)
   if len(shape) < 2 or min(shape) < 1:
     raise ValueError(f'shape must be (batch_size, *example_shape) with positive sizes, got {shape}.')
@@ -310,7 +361,7 @@ def _check_eps(sde: sde_lib.SDE, eps: float) -> float:
   return float(eps)
 
 
-class _ShardedSampler:
+class ShardedSampler:
   """Shared plumbing: per-sample keys and prior draws, batch sharding, replicated score arrays."""
 
   def __init__(self, sde: sde_lib.SDE, shape: tuple[int, ...], inverse_scaler):
@@ -372,7 +423,7 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
     initial state x_T instead of prior draws. Sample i uses the key ``fold_in(rng, first_index + i)``, so
     rounds of a long run continue the same sequence.
   """
-  shape = _check_shape(shape)
+  shape = check_shape(shape)
   eps = _check_eps(sde, eps)
   if float(snr) <= 0:
     raise ValueError(f'snr (config.sampling.snr) must be positive, got {snr}.')
@@ -382,7 +433,7 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
   corrector_cls = get_corrector(corrector) if isinstance(corrector, str) else corrector
   predictor_obj = predictor_cls(sde, probability_flow)
   corrector_obj = corrector_cls(sde, snr, n_steps, langevin_per_sample)
-  base = _ShardedSampler(sde, shape, inverse_scaler)
+  base = ShardedSampler(sde, shape, inverse_scaler)
   timesteps = jnp.linspace(sde.T, eps, sde.N)
 
   @jax.jit
@@ -407,7 +458,7 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
   def sampler(rng: Array, score_fn: ScoreFn, z: Array | None = None,
               first_index: int = 0) -> tuple[Array, int]:
     base.check_z(z)
-    rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
+    rng, score_tree, first = base.replicate((rng, as_pytree(score_fn), jnp.uint32(first_index)))
     return run(rng, score_tree, z, first), nfe
 
   return sampler
@@ -424,6 +475,9 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method
   make each sample depend on the rest of the batch; per-sample solves make sample i a function of its
   latent alone (reproducible across batch sizes and device counts) at the cost of every solver
   iteration evaluating the network on the whole batch until the slowest sample has finished.
+  Per-sample conditions (class labels, known values) reach their own sample's solve when the score
+  function is a ``ConditionalScore``; a score function that holds them otherwise (closed over, or as
+  arguments of a Partial) sees a single sample with the whole batch's conditions.
   The settings have no defaults here: theirs live in the default configs (``config.sampling``).
 
   Args:
@@ -442,7 +496,7 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method
     latent to decode instead of prior draws; nfe is the number of batched score evaluations (the most
     any sample needed: the solves run in lock-step).
   """
-  shape = _check_shape(shape)
+  shape = check_shape(shape)
   eps = _check_eps(sde, eps)
   method = str(method).lower()
   solver = ode_solvers.get_solver(method, 'config.sampling.ode_method')
@@ -450,7 +504,7 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method
     raise ValueError(f'ODE tolerances must be positive, got rtol={rtol}, atol={atol} '
                      f'(config.sampling.ode_rtol / ode_atol).')
   controller = diffrax.PIDController(rtol=float(rtol), atol=float(atol))
-  base = _ShardedSampler(sde, shape, inverse_scaler)
+  base = ShardedSampler(sde, shape, inverse_scaler)
   denoiser = ReverseDiffusionPredictor(sde, probability_flow=False)
 
   def vector_field(t, y, score_tree):
@@ -469,7 +523,8 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method
   def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
     x = base.initial(fold_in(keys, 0), z)
-    x, num_steps = jax.vmap(solve_one, (0, None))(x, score_tree)
+    rows, axes = _per_sample_rows(score_tree, shape[0])
+    x, num_steps = jax.vmap(solve_one, (0, axes))(x, rows)
     x = base.shard(x)
     nfe = ode_solvers.num_evaluations(method, jnp.max(num_steps))
     if denoise:
@@ -480,7 +535,7 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method
   def sampler(rng: Array, score_fn: ScoreFn, z: Array | None = None,
               first_index: int = 0) -> tuple[Array, int]:
     base.check_z(z)
-    rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
+    rng, score_tree, first = base.replicate((rng, as_pytree(score_fn), jnp.uint32(first_index)))
     x, nfe = run(rng, score_tree, z, first)
     return x, int(nfe)
 
@@ -498,8 +553,8 @@ def get_fast_sampler(sde: sde_lib.SDE, shape, solver: fast_samplers.Solver,
     samples a pure function of ``z``; a stochastic one draws step i's noise for sample b from
     ``fold_in(fold_in(rng, first_index + b), 1)`` folded with i.
   """
-  shape = _check_shape(shape)
-  base = _ShardedSampler(sde, shape, inverse_scaler)
+  shape = check_shape(shape)
+  base = ShardedSampler(sde, shape, inverse_scaler)
   view = fast_samplers.EDMView(sde)
   scale_T = view.coeffs(sde.T)[0]
 
@@ -515,7 +570,7 @@ def get_fast_sampler(sde: sde_lib.SDE, shape, solver: fast_samplers.Solver,
   def sampler(rng: Array, score_fn: ScoreFn, z: Array | None = None,
               first_index: int = 0) -> tuple[Array, int]:
     base.check_z(z)
-    rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
+    rng, score_tree, first = base.replicate((rng, as_pytree(score_fn), jnp.uint32(first_index)))
     return run(rng, score_tree, z, first), solver.nfe
 
   return sampler
@@ -536,12 +591,12 @@ def get_ggf_sampler(sde: sde_lib.SDE, shape, *, atol: float, rtol: float, h_init
   Returns:
     ``sampler(rng, score_fn, z=None, first_index=0) -> (samples, nfe)``.
   """
-  shape = _check_shape(shape)
+  shape = check_shape(shape)
   eps = _check_eps(sde, eps)
   if not (float(atol) > 0 and float(rtol) > 0 and 0 < float(h_init) <= sde.T - eps):
     raise ValueError(f'ggf needs atol > 0, rtol > 0 and 0 < h_init <= T - eps, got atol={atol}, '
                      f'rtol={rtol}, h_init={h_init} (config.sampling.ggf_atol / ggf_rtol / ggf_h_init).')
-  base = _ShardedSampler(sde, shape, inverse_scaler)
+  base = ShardedSampler(sde, shape, inverse_scaler)
 
   @jax.jit
   def run(rng, score_tree, z, first_index):
@@ -555,7 +610,7 @@ def get_ggf_sampler(sde: sde_lib.SDE, shape, *, atol: float, rtol: float, h_init
   def sampler(rng: Array, score_fn: ScoreFn, z: Array | None = None,
               first_index: int = 0) -> tuple[Array, int | np.ndarray]:
     base.check_z(z)
-    rng, score_tree, first = base.replicate((rng, _as_pytree(score_fn), jnp.uint32(first_index)))
+    rng, score_tree, first = base.replicate((rng, as_pytree(score_fn), jnp.uint32(first_index)))
     x, nfe, done = run(rng, score_tree, z, first)
     if not bool(done):
       raise RuntimeError(f'ggf: a sample did not reach t = eps within {max_steps} steps; raise '
@@ -585,9 +640,9 @@ def validate_config(config) -> None:
       if not float(cfg[key]) > 0:
         raise ValueError(f'config.sampling.{key}={cfg[key]!r} must be positive.')
   else:
-    if cfg.schedule not in fast_samplers.SCHEDULES:
+    if cfg.schedule not in fast_samplers.SCHEDULES and cfg.schedule != fast_samplers.AUTO_SCHEDULE:
       raise ValueError(f'config.sampling.schedule={cfg.schedule!r} is not known; choose one of '
-                       f'{sorted(fast_samplers.SCHEDULES)}.')
+                       f'{[fast_samplers.AUTO_SCHEDULE] + sorted(fast_samplers.SCHEDULES)}.')
     if not (isinstance(cfg.num_steps, int) and cfg.num_steps >= 2):
       raise ValueError(f'config.sampling.num_steps={cfg.num_steps!r} must be an integer >= 2 (it counts '
                        f'the last step to σ = 0).')
@@ -608,7 +663,8 @@ def fixed_step_solver(config, sde: sde_lib.SDE, eps: float) -> fast_samplers.Sol
   cfg = config.sampling
   method = str(cfg.method).lower()
   view = fast_samplers.EDMView(sde)
-  grid = fast_samplers.time_grid(view, cfg.schedule, cfg.num_steps, eps, cfg.rho)
+  schedule = fast_samplers.resolve_schedule(cfg.schedule, method, sde)
+  grid = fast_samplers.time_grid(view, schedule, cfg.num_steps, eps, cfg.rho)
   if method == 'heun':
     return fast_samplers.heun(grid)
   if method == 'edm_sde':

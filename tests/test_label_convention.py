@@ -164,11 +164,10 @@ def test_bits_per_dim_uses_the_trained_labels(module, digits_batch, monkeypatch,
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 1), 0), 0)
   wrong = jax.tree_util.Partial(
       lambda v, x, t: mutils.get_score_fn(sde, model, v, continuous=True)(x, t), variables)
-  right = mutils.network_score_fn(config, sde, model, variables)
+  # The evaluation's score function was shown above to be network_score_fn's, and this solve shares its
+  # probes (same rng), so only the hard-coded convention needs a solve of its own.
   bpd_wrong = float(np.mean(bpd_fn(rng, wrong, levels)[0]))
-  bpd_right = float(np.mean(bpd_fn(rng, right, levels)[0]))
-  print(f'{module.__name__}: bits/dim with the trained labels {result["bpd"]:.4f} '
-        f'(direct {bpd_right:.4f}), with continuous=True {bpd_wrong:.4f}')
-  assert abs(result['bpd'] - bpd_right) < 1e-6
-  # Far above the solver's error at rtol = atol = 1e-3 (the two solves share their probes).
-  assert abs(bpd_wrong - bpd_right) > 3e-3
+  print(f'{module.__name__}: bits/dim with the trained labels {result["bpd"]:.4f}, '
+        f'with continuous=True {bpd_wrong:.4f}')
+  # Far above the solver's error at rtol = atol = 1e-3.
+  assert abs(bpd_wrong - result['bpd']) > 3e-3

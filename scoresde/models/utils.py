@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoresde import sde_lib
+from scoresde.models import layerspp
 
 Array = jax.Array
 Variables = Any
@@ -88,20 +89,85 @@ def init_model(rng: Array, config, batch_size: int = 1) -> tuple[nn.Module, Vari
   return model, variables
 
 
+# The compute dtypes of ``config.training.dtype`` and ``config.sampling.dtype``. Whatever the choice, the
+# parameters, optimizer state and EMA are float32: only the network's forward (and backward) pass is cast.
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Modules kept float32 (parameters, inputs and output) in a bfloat16 pass: the Fourier features multiply
+# log σ by 2π W, and bfloat16's 8-bit significand would move W by up to 2⁻⁹ |W| (|W| reaches ~50 at
+# fourier_scale=16), i.e. the features' phases by radians, so a float32-trained network would see others.
+_FLOAT32_MODULES = (layerspp.GaussianFourierProjection,)
+
+
+def compute_dtype(name: str, key: str) -> jnp.dtype:
+  """The dtype that config key ``key`` names (``config.training.dtype`` or ``config.sampling.dtype``)."""
+  if str(name) not in COMPUTE_DTYPES:
+    raise ValueError(f'{key}={name!r} is not a compute dtype; choose one of {sorted(COMPUTE_DTYPES)} '
+                     "('bfloat16': bfloat16 compute with float32 parameters).")
+  return COMPUTE_DTYPES[str(name)]
+
+
+def check_precision(config) -> None:
+  """Raises ValueError naming the key unless ``config.training.dtype`` and ``config.sampling.dtype`` are
+  known compute dtypes."""
+  compute_dtype(config.training.dtype, 'config.training.dtype')
+  compute_dtype(config.sampling.dtype, 'config.sampling.dtype')
+
+
+def _cast_floating(tree: Any, dtype: jnp.dtype, keep: Callable[[str], bool] = lambda path: False) -> Any:
+  """``tree`` with its floating arrays cast to ``dtype``, except those whose key path ``keep`` names;
+  other leaves (integer labels, Python scalars, flags) unchanged."""
+  def cast(path, leaf):
+    if (not isinstance(leaf, (jax.Array, np.ndarray)) or not jnp.issubdtype(leaf.dtype, jnp.floating)
+        or keep(jax.tree_util.keystr(path))):
+      return leaf
+    return jnp.asarray(leaf).astype(dtype)
+  return jax.tree_util.tree_map_with_path(cast, tree)
+
+
+def _in_float32_module(path: str) -> bool:
+  """Whether a variable's key path lies in a ``_FLOAT32_MODULES`` module (flax names them Class_i)."""
+  return any(f"['{cls.__name__}_" in path for cls in _FLOAT32_MODULES)
+
+
+def with_compute_dtype(apply: Callable[..., Array], dtype: jnp.dtype) -> Callable[..., Array]:
+  """``apply(variables, x, *labels)`` evaluated in ``dtype``, returning float32: the precision policy.
+
+  Inside the function the floating variables and ``x`` are cast to ``dtype``, so gradients reach the
+  float32 parameters through the casts, and so are the floating inputs and outputs of every submodule
+  (but ``_FLOAT32_MODULES``): without that, the float32 time embedding or a NumPy-scalar rescaling
+  (``residual_sum``'s 1/√2) would promote the activations back to float32. The network's own labels are
+  not cast: in bfloat16, 999 t would be resolved to steps of 4.
+  """
+  if dtype == jnp.float32:
+    return apply
+
+  def cast_submodule_io(next_fn, args, kwargs, context):
+    module = context.module
+    if not isinstance(module.parent, nn.Module) or isinstance(module, _FLOAT32_MODULES):
+      return next_fn(*args, **kwargs)
+    return _cast_floating(next_fn(*_cast_floating(args, dtype), **_cast_floating(kwargs, dtype)), dtype)
+
+  def apply_in_dtype(variables, x, *labels):
+    with nn.intercept_methods(cast_submodule_io):
+      out = apply(_cast_floating(variables, dtype, _in_float32_module), x.astype(dtype), *labels)
+    return out.astype(jnp.float32)
+  return apply_in_dtype
+
+
 def get_model_fn(model: nn.Module, variables: Variables, train: bool = False,
-                 rng: Array | None = None) -> Callable[[Array, Array], Array]:
-  """``model_fn(x, labels)``; in training mode dropout draws from ``rng``."""
+                 rng: Array | None = None, dtype: str = 'float32') -> Callable[[Array, Array], Array]:
+  """``model_fn(x, labels)``, computed in ``dtype`` (``with_compute_dtype``); in training mode dropout
+  draws from ``rng``."""
   if train and rng is None:
     raise ValueError('get_model_fn(train=True) needs an rng for dropout.')
-
-  def model_fn(x, labels):
-    rngs = {'dropout': rng} if train else {}
-    return model.apply(variables, x, labels, train=train, rngs=rngs)
-  return model_fn
+  rngs = {'dropout': rng} if train else {}
+  apply = with_compute_dtype(
+      lambda v, x, labels: model.apply(v, x, labels, train=train, rngs=rngs), compute_dtype(dtype, 'dtype'))
+  return lambda x, labels: apply(variables, x, labels)
 
 
 def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, *, continuous: bool,
-                 train: bool = False, rng: Array | None = None) -> sde_lib.ScoreFn:
+                 train: bool = False, rng: Array | None = None, dtype: str = 'float32') -> sde_lib.ScoreFn:
   """``score_fn(x, t)`` from a network, with the reference's label and scaling conventions.
 
   ``continuous`` must say how the network was trained (``config.training.continuous``): it has no
@@ -114,8 +180,10 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, *, co
     The 999 is the reference's, independent of N: kept so that released checkpoints give their scores.
   - VE: continuous labels = σ(t) (the marginal std); discrete labels = round((T-t)(N-1)), the index into
     the descending σ table. The network's output is the score (``scale_by_sigma`` divides inside).
+
+  ``dtype``: the network's compute dtype (``with_compute_dtype``); the scaling by 1/std is float32.
   """
-  model_fn = get_model_fn(model, variables, train=train, rng=rng)
+  model_fn = get_model_fn(model, variables, train=train, rng=rng, dtype=dtype)
 
   if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
     def score_fn(x, t):
@@ -179,27 +247,31 @@ class _NetworkScore:
   sde: sde_lib.SDE
   model: nn.Module
   continuous: bool
+  dtype: str
 
   def __call__(self, variables: Variables, x: Array, t: Array) -> Array:
-    return get_score_fn(self.sde, self.model, variables, continuous=self.continuous)(x, t)
+    return get_score_fn(self.sde, self.model, variables, continuous=self.continuous, dtype=self.dtype)(x, t)
 
   def __eq__(self, other):
     return (isinstance(other, _NetworkScore) and self.sde is other.sde and self.model is other.model
-            and self.continuous == other.continuous)
+            and self.continuous == other.continuous and self.dtype == other.dtype)
 
   def __hash__(self):
-    return hash((id(self.sde), id(self.model), self.continuous))
+    return hash((id(self.sde), id(self.model), self.continuous, self.dtype))
 
 
 def network_score_fn(config, sde: sde_lib.SDE, model: nn.Module,
                      variables: Variables) -> jax.tree_util.Partial:
   """The trained network's ``score_fn(x, t)`` in eval mode, with the label convention it was trained
-  with (``is_continuous(config)``): the one builder that sampling, likelihood and evaluation share.
+  with (``is_continuous(config)``): the one builder that sampling, likelihood and evaluation share, so
+  all of them compute in ``config.sampling.dtype`` (``with_compute_dtype``).
 
   A ``jax.tree_util.Partial`` over ``variables``: samplers and likelihoods jit it with the weights as
   traced arguments, so every checkpoint of one model reuses one compiled program.
   """
-  return jax.tree_util.Partial(_NetworkScore(sde, model, is_continuous(config)), variables)
+  compute_dtype(config.sampling.dtype, 'config.sampling.dtype')
+  return jax.tree_util.Partial(_NetworkScore(sde, model, is_continuous(config), str(config.sampling.dtype)),
+                               variables)
 
 
 def param_count(variables: Variables) -> int:
