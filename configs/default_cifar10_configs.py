@@ -118,6 +118,9 @@ def get_default_configs():
   model.dropout = 0.1
   model.embedding_type = 'fourier'
   model.ema_warmup = False  # ours: True uses score_sde_pytorch's EMA warm-up min(rate, (1+n)/(10+n))
+  # ours: per-block activation checkpointing (nn.remat of each residual / attention block): the backward
+  # pass recomputes activations instead of storing them; same function, less memory (benchmarks/memory_plan.py)
+  model.remat = False
   # ours as defaults (the reference sets these in its experiment configs; ours change what differs):
   model.fourier_scale = 16.  # Gaussian Fourier features' scale, read with embedding_type='fourier'
   model.scale_by_sigma = False  # every network: divide the output by sigma

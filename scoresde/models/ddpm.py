@@ -44,6 +44,7 @@ class DDPM(nn.Module):
   scale_by_sigma: bool
   label_kind: str
   sigmas: tuple[float, ...] | None
+  remat: bool  # per-block activation checkpointing (layers.maybe_remat)
 
   @staticmethod
   def kwargs_from_config(config: ml_collections.ConfigDict) -> dict:
@@ -55,7 +56,7 @@ class DDPM(nn.Module):
         num_channels=int(config.data.num_channels), centered=bool(config.data.centered),
         nonlinearity=str(m.nonlinearity), normalization=str(m.normalization),
         conditional=bool(m.conditional), resamp_with_conv=bool(m.resamp_with_conv),
-        dropout=float(m.dropout), scale_by_sigma=bool(m.scale_by_sigma))
+        dropout=float(m.dropout), scale_by_sigma=bool(m.scale_by_sigma), remat=bool(m.remat))
 
   @staticmethod
   def check_config(config: ml_collections.ConfigDict) -> None:
@@ -80,9 +81,10 @@ class DDPM(nn.Module):
     resamp_with_conv = self.resamp_with_conv
     num_resolutions = len(ch_mult)
 
-    attn_block = functools.partial(layers.AttnBlock, normalize=normalize)
-    resnet_block = functools.partial(layers.ResnetBlockDDPM, act=act, normalize=normalize,
-                                     dropout=self.dropout)
+    attn_block = functools.partial(layers.maybe_remat(layers.AttnBlock, self.remat), normalize=normalize)
+    # The residual block's argument 3 (counting self), train, is a Python bool: static under remat.
+    resnet_block = functools.partial(layers.maybe_remat(layers.ResnetBlockDDPM, self.remat, (3,)), act=act,
+                                     normalize=normalize, dropout=self.dropout)
 
     if self.conditional:
       temb = layers.get_timestep_embedding(labels, nf)

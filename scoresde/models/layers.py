@@ -11,6 +11,7 @@ Lin et al. 2017 (RefineNet).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -33,6 +34,28 @@ def get_act(nonlinearity: str) -> Callable[[Array], Array]:
   if name not in _ACTIVATIONS:
     raise ValueError(f'config.model.nonlinearity={name!r} is not known; choose one of {sorted(_ACTIVATIONS)}.')
   return _ACTIVATIONS[name]
+
+
+@functools.cache
+def _rematerialised(block: type[nn.Module], static_argnums: tuple[int, ...]) -> type[nn.Module]:
+  wrapped = nn.remat(block, static_argnums=static_argnums)
+  # Flax names a sub-module after its class (``ResnetBlockDDPM_0``); nn.remat's class is called
+  # ``CheckpointResnetBlockDDPM``, which would rename every block's parameters. Under the block's own name
+  # one parameter tree (and every released checkpoint) serves the network with and without remat.
+  wrapped.__name__ = block.__name__
+  wrapped.__qualname__ = block.__qualname__
+  return wrapped
+
+
+def maybe_remat(block: type[nn.Module], remat: bool, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+  """``block``, or with ``remat`` (``config.model.remat``) the same block under ``nn.remat``: its
+  activations are recomputed in the backward pass instead of stored, trading one more forward pass of
+  the block for the memory of its intermediates. Same parameters, names and outputs either way.
+
+  ``static_argnums`` counts ``self`` as 0 and names the Python-valued arguments (``train``), which
+  ``jax.checkpoint`` must not trace.
+  """
+  return _rematerialised(block, static_argnums) if remat else block
 
 
 def sigma_of_labels(labels: Array, label_kind: str, sigmas: tuple[float, ...] | None) -> Array:

@@ -36,7 +36,8 @@ Array = jax.Array
 # configs/default_cifar10_configs.py (the reference's NCSN++ values) unless the experiment changes them.
 _KEYS = ('nf', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'conditional', 'embedding_type',
          'fourier_scale', 'resblock_type', 'fir', 'fir_kernel', 'resamp_with_conv', 'progressive',
-         'progressive_input', 'progressive_combine', 'skip_rescale', 'init_scale', 'dropout', 'scale_by_sigma')
+         'progressive_input', 'progressive_combine', 'skip_rescale', 'init_scale', 'dropout',
+         'scale_by_sigma', 'remat')
 _CHOICES = {
     'embedding_type': ('fourier', 'positional'),
     'resblock_type': ('biggan', 'ddpm'),
@@ -79,6 +80,9 @@ class NCSNpp(nn.Module):
   scale_by_sigma: bool
   label_kind: str
   sigmas: tuple[float, ...] | None
+  # Per-block activation checkpointing (layers.maybe_remat). It changes memory and compute, not the
+  # function, so the network written out by hand (tests/test_models.py) may leave it out.
+  remat: bool = False
 
   @staticmethod
   def kwargs_from_config(config: ml_collections.ConfigDict) -> dict:
@@ -105,7 +109,8 @@ class NCSNpp(nn.Module):
         resamp_with_conv=bool(values['resamp_with_conv']), progressive=values['progressive'],
         progressive_input=values['progressive_input'], progressive_combine=values['progressive_combine'],
         skip_rescale=bool(values['skip_rescale']), init_scale=float(values['init_scale']),
-        dropout=float(values['dropout']), scale_by_sigma=bool(values['scale_by_sigma']))
+        dropout=float(values['dropout']), scale_by_sigma=bool(values['scale_by_sigma']),
+        remat=bool(values['remat']))
 
   @classmethod
   def check_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -143,21 +148,23 @@ class NCSNpp(nn.Module):
     else:
       temb = None
 
-    attn_block = functools.partial(layerspp.AttnBlockpp, init_scale=self.init_scale,
-                                   skip_rescale=self.skip_rescale)
+    attn_block = functools.partial(layers.maybe_remat(layerspp.AttnBlockpp, self.remat),
+                                   init_scale=self.init_scale, skip_rescale=self.skip_rescale)
     upsample = functools.partial(layerspp.Upsample, with_conv=self.resamp_with_conv, fir=self.fir,
                                  fir_kernel=self.fir_kernel)
     downsample = functools.partial(layerspp.Downsample, with_conv=self.resamp_with_conv, fir=self.fir,
                                    fir_kernel=self.fir_kernel)
     pyramid_upsample = functools.partial(layerspp.Upsample, fir=self.fir, fir_kernel=self.fir_kernel)
     pyramid_downsample = functools.partial(layerspp.Downsample, fir=self.fir, fir_kernel=self.fir_kernel)
+    # A residual block's argument 3 (counting self), train, is a Python bool: static under remat.
     if self.resblock_type == 'ddpm':
-      resnet_block = functools.partial(layerspp.ResnetBlockDDPMpp, act=act, dropout=self.dropout,
-                                       init_scale=self.init_scale, skip_rescale=self.skip_rescale)
-    else:
-      resnet_block = functools.partial(layerspp.ResnetBlockBigGANpp, act=act, dropout=self.dropout,
-                                       fir=self.fir, fir_kernel=self.fir_kernel, init_scale=self.init_scale,
+      resnet_block = functools.partial(layers.maybe_remat(layerspp.ResnetBlockDDPMpp, self.remat, (3,)),
+                                       act=act, dropout=self.dropout, init_scale=self.init_scale,
                                        skip_rescale=self.skip_rescale)
+    else:
+      resnet_block = functools.partial(layers.maybe_remat(layerspp.ResnetBlockBigGANpp, self.remat, (3,)),
+                                       act=act, dropout=self.dropout, fir=self.fir, fir_kernel=self.fir_kernel,
+                                       init_scale=self.init_scale, skip_rescale=self.skip_rescale)
 
     if not self.centered:
       x = 2 * x - 1.

@@ -73,6 +73,7 @@ class _RefineNet(nn.Module):
   scale_by_sigma: bool
   label_kind: str
   sigmas: tuple[float, ...] | None
+  remat: bool  # per-block activation checkpointing of the encoder's residual blocks (layers.maybe_remat)
 
   @classmethod
   def kwargs_from_config(cls, config: ml_collections.ConfigDict) -> dict:
@@ -81,7 +82,8 @@ class _RefineNet(nn.Module):
     return dict(nf=int(m.nf), image_size=int(config.data.image_size),
                 num_channels=int(config.data.num_channels), centered=bool(config.data.centered),
                 nonlinearity=str(m.nonlinearity), normalization=str(m.normalization),
-                interpolation=str(m.interpolation), scale_by_sigma=bool(m.scale_by_sigma))
+                interpolation=str(m.interpolation), scale_by_sigma=bool(m.scale_by_sigma),
+                remat=bool(m.remat))
 
   @classmethod
   def check_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -119,8 +121,8 @@ class _RefineNet(nn.Module):
     interpolation = self.interpolation
     stages, refine_mults = _ARCHITECTURES[self.size]
     y = labels.astype(jnp.int32) if self.conditional else None
-    block = functools.partial(layers.ResidualBlock, normalization=norm, act=act,
-                              conditional=self.conditional)
+    block = functools.partial(layers.maybe_remat(layers.ResidualBlock, self.remat), normalization=norm,
+                              act=act, conditional=self.conditional)
 
     h = x if self.centered else 2 * x - 1.
     h = layers.ncsn_conv3x3(h, nf)
