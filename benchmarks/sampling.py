@@ -315,7 +315,7 @@ def digits_fid_vs_nfe(workdir: str, plot_path: str) -> None:
     raise ValueError(f'--digits_fid needs a trained checkpoint in --workdir; {workdir!r} has none.')
   sde = sde_lib.get_sde(config)
   print(f'\n## Digits FID vs NFE: {source}, {config.eval.num_samples} samples against the test split')
-  print('| sampler | setting | NFE | FID | IS | KID ×1e4 | wall (s, incl. compile) |')
+  print('| sampler | setting | NFE | FID | IS | KID | wall (s, incl. compile) |')
   print('|---|---|---|---|---|---|---|')
   results = []
   for label, keys in _DIGITS_FID_SETTINGS:
@@ -325,7 +325,7 @@ def digits_fid_vs_nfe(workdir: str, plot_path: str) -> None:
                                              variables, sde, show_progress=False)
     setting = ', '.join(f'{k}={v}' for k, v in keys.items() if k != 'method') or 'default'
     print(f'| {keys["method"]} | {setting} | {report["nfe_mean"]:.0f} | {report["fid"]:.2f} | '
-          f'{report["is"]:.2f} | {report["kid"] * 1e4:.0f} | {report["seconds"]:.0f} |', flush=True)
+          f'{report["is"]:.2f} | {report["kid"]:.0f} | {report["seconds"]:.0f} |', flush=True)
     results.append((label, keys, report['nfe_mean'], report['fid']))
   _plot_fid_vs_nfe(results, plot_path)
   print(f'plot: {plot_path}')
