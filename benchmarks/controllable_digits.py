@@ -51,7 +51,7 @@ flags.DEFINE_string('workdir', None, 'Workdir with the score checkpoint and clas
 flags.DEFINE_string('out', None, 'Where the PNG grids go (default: WORKDIR/controllable).')
 flags.DEFINE_integer('per_class', 100, 'Class-conditional samples per digit and scale.')
 flags.DEFINE_list('scales', ['0', '1', '2', '4'], 'Guidance scales w.')
-flags.DEFINE_integer('inpaint_n', 100, 'Test digits to inpaint.')
+flags.DEFINE_integer('inpaint_n', 100, 'Test digits to inpaint (0: none).')
 flags.DEFINE_integer('batch', 250, 'Samples per sampler call.')
 flags.DEFINE_string('inpaint_method', 'pc', 'config.sampling.method for inpainting (the deterministic samplers '
                     'do not follow the conditional there: BENCHMARKS.md, "Controllable generation").')
@@ -127,6 +127,8 @@ def main(argv):
   images.save_grid(images.to_uint8(np.concatenate(rows)), os.path.join(out, 'class_grid.png'))
 
   n = int(FLAGS.inpaint_n)
+  if n == 0:
+    return
   x0, y0 = test_x[:n], test_y[:n]
   mask = generate.named_mask('lower_half', *x0.shape[1:3])[:, :, None]
   inpaint_config = config.copy_and_resolve_references()
