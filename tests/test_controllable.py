@@ -123,6 +123,17 @@ def _guided_samples(sde_name, config, scale, n=N_SAMPLES, steps=250, exact_laten
   return np.asarray(samples), y
 
 
+def assert_in_their_class_components(samples, y) -> None:
+  """Every sample in its label's component; the samples match the mixture reweighted to the label
+  frequencies within Z_TOL standard errors."""
+  labels = np.asarray(jax.vmap(MIXTURE.component_log_probs)(jnp.asarray(samples))).argmax(1)
+  assert np.mean(labels == y) > 0.999
+  target = gaussian_mixture.isotropic_mixture(CLASS_FREQUENCIES, MIXTURE.means, [STD] * 3)
+  z = mixture_z_scores(samples, target, STD)
+  assert z['outliers'] < 1e-3, z
+  assert max(z['weight'], z['mean'], z['var'], z['cov']) < Z_TOL, z
+
+
 @pytest.mark.parametrize('sde_name,method,predictor,corrector', [
     ('vesde', 'pc', 'reverse_diffusion', 'langevin'),
     ('vpsde', 'pc', 'euler_maruyama', 'none'),
@@ -139,12 +150,7 @@ def test_class_guidance_samples_the_class_component(sde_name, method, predictor,
   p_T in its mean by a(T) μ_y = μ_y, which the probability-flow map carries to a bias of μ_y s/σ_max ≈
   0.04 in the class means (5 SE at this sample size), with or without guidance."""
   samples, y = _guided_samples(sde_name, sampling_config(method, predictor, corrector, num_steps=64), 1.)
-  labels = np.asarray(jax.vmap(MIXTURE.component_log_probs)(jnp.asarray(samples))).argmax(1)
-  assert np.mean(labels == y) > 0.999
-  target = gaussian_mixture.isotropic_mixture(CLASS_FREQUENCIES, MIXTURE.means, [STD] * 3)
-  z = mixture_z_scores(samples, target, STD)
-  assert z['outliers'] < 1e-3, z
-  assert max(z['weight'], z['mean'], z['var'], z['cov']) < Z_TOL, z
+  assert_in_their_class_components(samples, y)
 
 
 def test_zero_guidance_is_unconditional():
@@ -182,12 +188,7 @@ def test_ode_class_guidance_samples_the_class_component(sde_name):
   from each label's exact time-T marginal, not the prior, whose mean bias under VE (see above) would be
   3-5 SE here. Achieved max |z|: 1.5 VE, 1.5 VP."""
   samples, y = _guided_samples(sde_name, sampling_config('ode'), 1., n=3000, exact_latents=True)
-  labels = np.asarray(jax.vmap(MIXTURE.component_log_probs)(jnp.asarray(samples))).argmax(1)
-  assert np.mean(labels == y) > 0.999
-  target = gaussian_mixture.isotropic_mixture(CLASS_FREQUENCIES, MIXTURE.means, [STD] * 3)
-  z = mixture_z_scores(samples, target, STD)
-  assert z['outliers'] < 1e-3, z
-  assert max(z['weight'], z['mean'], z['var'], z['cov']) < Z_TOL, z
+  assert_in_their_class_components(samples, y)
 
 
 def test_conditions_must_match_the_batch():
