@@ -300,6 +300,5 @@ def run_qa(config, workdir: str, input_path: str, checkpoint=None, *,
   line = (f'qa {name}: n={n} rejected={summary["rejected"]} '
           + ' '.join(f'{k}={v}' for k, v in sorted(by_reason.items()))
           + f' threshold={threshold:.6g} ({summary["score"]}, K={detector.num_draws}) -> {out_dir}')
-  logging.info(line)
-  print(line)
+  logging.info(line)  # once: absl logging already reaches the terminal
   return report
