@@ -193,8 +193,7 @@ def get_loss_fn(config, sde: sde_lib.SDE, model, train: bool) -> LossFn:
   check_objective(config)
   check_dsm_levels(config)
   training = config.training
-  mutils.compute_dtype(training.dtype, 'config.training.dtype')
-  dtype = str(training.dtype)
+  dtype = mutils.configured_dtype(config, 'training')
   reduce_mean = bool(training.reduce_mean)
   times = sde.noise_level_time(list(training.dsm_sigmas)) if training.dsm_sigmas else None
 

@@ -56,7 +56,8 @@ class DDPM(nn.Module):
         num_channels=int(config.data.num_channels), centered=bool(config.data.centered),
         nonlinearity=str(m.nonlinearity), normalization=str(m.normalization),
         conditional=bool(m.conditional), resamp_with_conv=bool(m.resamp_with_conv),
-        dropout=float(m.dropout), scale_by_sigma=bool(m.scale_by_sigma), remat=bool(m.remat))
+        dropout=float(m.dropout), scale_by_sigma=bool(m.scale_by_sigma),
+        remat='remat' in m and bool(m.remat))  # optional (ours): reference configs lack it
 
   @staticmethod
   def check_config(config: ml_collections.ConfigDict) -> None:

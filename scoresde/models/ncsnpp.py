@@ -37,7 +37,7 @@ Array = jax.Array
 _KEYS = ('nf', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'conditional', 'embedding_type',
          'fourier_scale', 'resblock_type', 'fir', 'fir_kernel', 'resamp_with_conv', 'progressive',
          'progressive_input', 'progressive_combine', 'skip_rescale', 'init_scale', 'dropout',
-         'scale_by_sigma', 'remat')
+         'scale_by_sigma')
 _CHOICES = {
     'embedding_type': ('fourier', 'positional'),
     'resblock_type': ('biggan', 'ddpm'),
@@ -110,7 +110,8 @@ class NCSNpp(nn.Module):
         progressive_input=values['progressive_input'], progressive_combine=values['progressive_combine'],
         skip_rescale=bool(values['skip_rescale']), init_scale=float(values['init_scale']),
         dropout=float(values['dropout']), scale_by_sigma=bool(values['scale_by_sigma']),
-        remat=bool(values['remat']))
+        # Optional (ours): configs written for the reference (a released checkpoint's) lack it.
+        remat='remat' in m and bool(m.remat))
 
   @classmethod
   def check_config(cls, config: ml_collections.ConfigDict) -> None:

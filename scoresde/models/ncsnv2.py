@@ -83,7 +83,7 @@ class _RefineNet(nn.Module):
                 num_channels=int(config.data.num_channels), centered=bool(config.data.centered),
                 nonlinearity=str(m.nonlinearity), normalization=str(m.normalization),
                 interpolation=str(m.interpolation), scale_by_sigma=bool(m.scale_by_sigma),
-                remat=bool(m.remat))
+                remat='remat' in m and bool(m.remat))
 
   @classmethod
   def check_config(cls, config: ml_collections.ConfigDict) -> None:

@@ -106,11 +106,20 @@ def compute_dtype(name: str, key: str) -> jnp.dtype:
   return COMPUTE_DTYPES[str(name)]
 
 
+def configured_dtype(config, section: str) -> str:
+  """The checked name of ``config.<section>.dtype`` ('training' or 'sampling'); 'float32' when the config
+  has no such key (ours: configs written for the reference, e.g. beside a released checkpoint, and
+  partial configs that only build a model lack it)."""
+  name = str(config[section].dtype) if section in config and 'dtype' in config[section] else 'float32'
+  compute_dtype(name, f'config.{section}.dtype')
+  return name
+
+
 def check_precision(config) -> None:
   """Raises ValueError naming the key unless ``config.training.dtype`` and ``config.sampling.dtype`` are
   known compute dtypes."""
-  compute_dtype(config.training.dtype, 'config.training.dtype')
-  compute_dtype(config.sampling.dtype, 'config.sampling.dtype')
+  configured_dtype(config, 'training')
+  configured_dtype(config, 'sampling')
 
 
 def _cast_floating(tree: Any, dtype: jnp.dtype, keep: Callable[[str], bool] = lambda path: False) -> Any:
@@ -269,9 +278,8 @@ def network_score_fn(config, sde: sde_lib.SDE, model: nn.Module,
   A ``jax.tree_util.Partial`` over ``variables``: samplers and likelihoods jit it with the weights as
   traced arguments, so every checkpoint of one model reuses one compiled program.
   """
-  compute_dtype(config.sampling.dtype, 'config.sampling.dtype')
-  return jax.tree_util.Partial(_NetworkScore(sde, model, is_continuous(config), str(config.sampling.dtype)),
-                               variables)
+  return jax.tree_util.Partial(_NetworkScore(sde, model, is_continuous(config),
+                                             configured_dtype(config, 'sampling')), variables)
 
 
 def param_count(variables: Variables) -> int:
