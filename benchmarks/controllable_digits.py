@@ -70,7 +70,7 @@ def _digits(config, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _in_batches(sample, n: int, batch: int) -> np.ndarray:
-  """``sample(first, count) -> images`` called in fixed-size calls (one compile), first n rows kept."""
+  """``sample(first) -> images`` called at first = 0, batch, 2 batch, ... (one compile); n rows kept."""
   return np.concatenate([np.asarray(sample(i)) for i in range(0, n, batch)])[:n]
 
 
