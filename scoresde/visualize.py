@@ -18,7 +18,11 @@ PNGs written with PIL (no plotting library), each with the number it illustrates
   (Song, Garg, Shi, Ermon 2019) and exact score matching (Hyvärinen 2005, exact Jacobian trace in 2-D),
   each captioned with its Fisher divergence E_p‖s_θ − ∇ log p‖² to the truth.
 
-Not here yet (issue 15): the samplers' trajectories.
+- ``trajectories.png``: every sampler (PC, the probability-flow ODE, Heun, DPM-Solver++(2M), EDM's
+  stochastic sampler) run on ``score_fn`` from the same prior points, drawn through the states at which
+  it evaluated the score. Captioned with its evaluations (NFE) and the mean distance of its end points
+  from the ODE's: the deterministic solvers discretise the same probability-flow map and land near the
+  ODE's end points; the stochastic ones do not (their noise moves the samples between modes).
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ import optax
 from PIL import Image
 from PIL import ImageDraw
 
+from scoresde import fast_samplers
 from scoresde import gaussian_mixture
 from scoresde import losses
+from scoresde import sampling
 from scoresde import sde_lib
 
 Array = jax.Array
@@ -53,6 +59,10 @@ LANGEVIN_SIGMAS = (10., 0.1)  # annealed: σ_1 > ... > σ_L geometric; plain Lan
 LANGEVIN_LEVELS, LANGEVIN_STEPS, LANGEVIN_EPS = 10, 100, 5e-3  # L, T per level, ε (Alg. 1)
 LANGEVIN_CHAINS = 4096
 SM_SIGMA, SM_WIDTH, SM_STEPS, SM_BATCH, SM_LR = 0.3, 64, 2000, 256, 3e-3  # the objectives' comparison
+TRAJECTORIES, TRAJECTORY_STEPS = 12, 18  # prior points; time points of the fixed-step samplers
+TRAJECTORY_EPS = 1e-3  # the samplers' end time (config.sampling.eps of the toy configs)
+_TRAJECTORY_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                       (140, 86, 75), (227, 119, 194), (90, 90, 90), (188, 189, 34), (23, 190, 207)]
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
 
 
@@ -217,6 +227,104 @@ def langevin_figure(rng: Array, out_dir: str) -> dict[str, float]:
   return result
 
 
+def trajectory_samplers(sde: sde_lib.SDE, batch: int) -> dict[str, Callable]:
+  """The lab's samplers for ``batch`` 2-D points, each ``sampler(rng, score_fn, z) -> (x, nfe)``: the
+  paper's PC (reverse diffusion + Langevin, snr 0.16), the dopri5 probability-flow ODE, and the fast
+  samplers at ``TRAJECTORY_STEPS`` time points on their 'auto' schedules, with the default configs'
+  settings (edm_sde: S_churn 10, S_noise 1)."""
+  shape, eps = (batch, 2), TRAJECTORY_EPS
+  view = fast_samplers.EDMView(sde)
+
+  def fixed(method: str, build: Callable[[fast_samplers.Grid], fast_samplers.Solver]) -> Callable:
+    schedule = fast_samplers.resolve_schedule(fast_samplers.AUTO_SCHEDULE, method, sde)
+    grid = fast_samplers.time_grid(view, schedule, TRAJECTORY_STEPS, eps, 7.)
+    return sampling.get_fast_sampler(sde, shape, build(grid))
+  return {
+      'pc': sampling.get_pc_sampler(sde, shape, 'reverse_diffusion', 'langevin', snr=0.16, n_steps=1,
+                                    probability_flow=False, denoise=True, eps=eps,
+                                    langevin_per_sample=False),
+      # For one point at a time: see ``trace``.
+      'ode': sampling.get_ode_sampler(sde, (1, 2), rtol=1e-5, atol=1e-5, method='dopri5', eps=eps,
+                                      denoise=True),
+      'heun': fixed('heun', fast_samplers.heun),
+      'dpm_solver++': fixed('dpm_solver++', fast_samplers.dpm_solver_2m),
+      'edm_sde': fixed('edm_sde', lambda grid: fast_samplers.edm_stochastic(
+          view, grid, eps, s_churn=10., s_tmin=0.05, s_tmax=50., s_noise=1.)),
+  }
+
+
+class _Recorder:
+  """``score_fn`` recording the states it is evaluated at, by a host callback inside the compiled sampler.
+  One instance serves every call of a sampler, so the sampler compiles once."""
+
+  def __init__(self, score_fn: sde_lib.ScoreFn):
+    self.score_fn = score_fn
+    self.rows: list[np.ndarray] = []
+
+  def _record(self, x) -> None:
+    self.rows.append(np.asarray(x).reshape(-1, 2))
+
+  def __call__(self, x: Array, t: Array) -> Array:
+    jax.debug.callback(self._record, x)
+    return self.score_fn(x, t)
+
+
+def trace(sampler: Callable, rng: Array, recorder: _Recorder, z: Array) -> tuple[np.ndarray, int]:
+  """The paths of ``sampler`` from the points ``z`` (B, 2): (B, n, 2), the states at which it evaluated
+  the score, in order, then its sample; and its nfe.
+
+  Each evaluation passes the recorder the batch (B, 2), except in a ``vmap`` of per-sample solves (the
+  ODE sampler), where it is called once per sample with (1, 2) in an order XLA may change: trace that
+  sampler with B = 1.
+  """
+  recorder.rows = []
+  x, nfe = sampler(rng, recorder, z)
+  jax.effects_barrier()
+  batch = z.shape[0]
+  states = np.concatenate(recorder.rows).reshape(-1, batch, 2).transpose(1, 0, 2)
+  return np.concatenate([states, np.asarray(x).reshape(batch, 1, 2)], axis=1), int(nfe)
+
+
+def trajectory_figure(rng: Array, score_fn: sde_lib.ScoreFn, sde: sde_lib.SDE,
+                      data: gaussian_mixture.GaussianMixture, out_dir: str) -> dict[str, dict[str, float]]:
+  """``trajectories.png``; returns per sampler its nfe and the mean distance of its end points from the
+  ODE's (``end_distance_to_ode``)."""
+  rng_z, rng_run = jax.random.split(rng)
+  prior = sde.prior_sampling(rng_z, (TRAJECTORIES, 2))
+  paths: dict[str, np.ndarray] = {}
+  result: dict[str, dict[str, float]] = {}
+  for name, sampler in trajectory_samplers(sde, TRAJECTORIES).items():
+    recorder = _Recorder(score_fn)
+    if name == 'ode':
+      traced = [trace(sampler, rng_run, recorder, prior[i:i + 1]) for i in range(TRAJECTORIES)]
+      lengths = [path.shape[1] for path, _ in traced]
+      # Pad each path with its end point to a common length (the lock-step batch run would do the same).
+      paths[name] = np.concatenate([np.concatenate([path, np.repeat(path[:, -1:], max(lengths) - n, 1)], 1)
+                                    for (path, _), n in zip(traced, lengths)])
+      nfe = max(n for _, n in traced)
+    else:
+      paths[name], nfe = trace(sampler, rng_run, recorder, prior)
+    result[name] = {'nfe': nfe}
+  extent = max(extent_of(data), float(np.max(np.abs(np.asarray(prior)))) * 1.05)
+  panels, captions = [], []
+  for name, name_paths in paths.items():
+    distance = np.linalg.norm(name_paths[:, -1] - paths['ode'][:, -1], axis=-1)
+    result[name]['end_distance_to_ode'] = float(np.mean(distance))
+    panel = density_panel(data, extent)
+    draw = ImageDraw.Draw(panel)
+    for i, path in enumerate(name_paths):
+      colour = _TRAJECTORY_COLOURS[i % len(_TRAJECTORY_COLOURS)]
+      pixels = [tuple(p) for p in _to_pixel(path, extent)]
+      draw.line(pixels, fill=colour, width=1)
+      for (px, py), radius, fill in ((pixels[0], 2, colour), (pixels[-1], 3, (0, 0, 0))):
+        draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=fill)
+    panels.append(panel)
+    captions.append(f'{name}: {result[name]["nfe"]} NFE\n'
+                    f'end to ODE end: {result[name]["end_distance_to_ode"]:.3g}')
+  compose([panels], [captions], os.path.join(out_dir, 'trajectories.png'))
+  return result
+
+
 class _SmallScore(nn.Module):
   """A time-free score network for the score-matching comparison: 2 → 64 → 64 → 2, swish."""
 
@@ -304,8 +412,9 @@ def write_figures(rng: Array, score_fn: sde_lib.ScoreFn, sde: sde_lib.SDE,
   """Every figure of the lab for ``score_fn`` (learned) against the exact scores of ``data``; the
   numbers also go to ``out_dir/summary.json``. ``sm_steps``: training steps of each objective."""
   os.makedirs(out_dir, exist_ok=True)
-  rng_field, rng_langevin, rng_sm = jax.random.split(rng, 3)
+  rng_field, rng_langevin, rng_sm, rng_paths = jax.random.split(rng, 4)
   summary = {'weighted_error': field_figures(rng_field, score_fn, sde, data, out_dir),
+             'trajectories': trajectory_figure(rng_paths, score_fn, sde, data, out_dir),
              'langevin': langevin_figure(rng_langevin, out_dir),
              'fisher_divergence': score_matching_figure(rng_sm, out_dir, sm_steps)}
   with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
