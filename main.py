@@ -6,6 +6,7 @@
   python main.py --config=... --workdir=runs/digits --mode=sample [--checkpoint=3 | PATH | model.pth]
   python main.py --config=... --workdir=runs/digits --mode=fid_stats
   python main.py --config=... --workdir=runs/digits --mode=train_classifier  # into workdir/classifier
+  python main.py --config=... --workdir=runs/digits --mode=train_deq  # dequantizer, into workdir/dequantizer
   python main.py --config=... --workdir=runs/digits --mode=sample --class_label=3 --guidance_scale=2
   python main.py --config=... --workdir=runs/digits --mode=sample --inpaint.mask=lower_half
   python main.py --config=... --workdir=runs/cifar10 --mode=import --checkpoint=checkpoint_26  # or a .pth
@@ -31,7 +32,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, samples, logs.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'fid_stats', 'qa', 'qa_calibrate',
-                                    'import', 'train_classifier', 'visualize'],
+                                    'import', 'train_classifier', 'train_deq', 'visualize'],
                   'What to do.')
 flags.DEFINE_string('eval_folder', 'eval', 'Subdirectory of workdir for evaluation outputs.')
 flags.DEFINE_string('qa.input', None, '--mode=qa: a .npy/.npz file of inputs (N, H, W, C) or a folder of '
@@ -139,6 +140,9 @@ def main(argv):
   elif FLAGS.mode == 'train_classifier':
     from scoresde import classifier_training  # pylint: disable=import-outside-toplevel
     classifier_training.train_classifier(config, workdir, allow_config_change=FLAGS.allow_config_change)
+  elif FLAGS.mode == 'train_deq':
+    from scoresde import dequantization_training  # pylint: disable=import-outside-toplevel
+    dequantization_training.train_dequantizer(config, workdir)
   elif FLAGS.mode == 'import':
     if not FLAGS.checkpoint:
       raise app.UsageError('--mode=import needs --checkpoint=PATH (a score_sde or score_sde_pytorch file).')

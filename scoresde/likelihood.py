@@ -39,6 +39,8 @@ Array = jax.Array
 ScoreFn = sde_lib.ScoreFn
 # fn(rng, score_fn, x) -> (values (B,), z like x, nfe (B,)).
 LikelihoodFn = Callable[[Array, ScoreFn, Array], tuple[Array, Array, Array]]
+# dequantizer(rng, levels) -> (u in [0, 1) like levels, log q(u | levels) (B,) nats): see ``dequantize``.
+Dequantizer = Callable[[Array, Array], tuple[Array, Array]]
 
 HUTCHINSON_TYPES = ('rademacher', 'gaussian', 'exact')
 
@@ -214,17 +216,40 @@ def dequantization_offset_bits(inverse_scaler: Callable, num_levels: int) -> flo
   return math.log2(num_levels) + math.log2(abs(affine_coefficients(inverse_scaler)[1]))
 
 
+def uniform_dequantizer(rng: Array, levels: Array) -> tuple[Array, Array]:
+  """u ~ U[0, 1) like ``levels`` and its log-density, 0: the default dequantizer of the bits/dim functions."""
+  return jax.random.uniform(rng, levels.shape, jnp.float32), jnp.zeros((levels.shape[0],), jnp.float32)
+
+
+def _dequantized(dequantizer: Dequantizer, rng: Array, levels: Array,
+                 num_levels: int) -> tuple[Array, Array]:
+  """(v = (levels + u) / L, log q(u | levels)) with u from ``dequantizer(split(rng)[0], levels)``."""
+  u, log_q = dequantizer(jax.random.split(rng)[0], levels)
+  return (levels.astype(jnp.float32) + u) / num_levels, log_q
+
+
 def dequantize(rng: Array, levels: Array, num_levels: int) -> Array:
   """v = (levels + u) / L with u ~ U[0, 1) from ``jax.random.split(rng)[0]``: the points at which
   ``get_likelihood_fn(...)(rng, ...)`` evaluates the density (its probes use ``split(rng)[1]``)."""
-  u = jax.random.uniform(jax.random.split(rng)[0], levels.shape, jnp.float32)
-  return (levels.astype(jnp.float32) + u) / num_levels
+  return _dequantized(uniform_dequantizer, rng, levels, num_levels)[0]
+
+
+def _dequantizer_tree(dequantizer: Dequantizer | None) -> jax.tree_util.Partial:
+  """``dequantizer`` (default ``uniform_dequantizer``) as a pytree, like ``as_pytree``."""
+  if dequantizer is None:
+    return jax.tree_util.Partial(uniform_dequantizer)
+  if isinstance(dequantizer, jax.tree_util.Partial):
+    return dequantizer
+  if not callable(dequantizer):
+    raise TypeError(f'dequantizer must be a callable dequantizer(rng, levels) -> (u, log_q), got '
+                    f'{type(dequantizer).__name__}.')
+  return jax.tree_util.Partial(dequantizer)
 
 
 def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels: int,
                       hutchinson_type: str, num_probes: int, rtol: float, atol: float, eps: float,
                       method: str, max_steps: int = 4096) -> LikelihoodFn:
-  """``fn(rng, score_fn, levels) -> (bpd (B,), z, nfe (B,))``: bits/dim of discrete data.
+  """``fn(rng, score_fn, levels, dequantizer=None) -> (bpd (B,), z, nfe (B,))``: bits/dim of discrete data.
 
   ``levels`` are the data's integer values in {0, ..., L-1} (L = ``num_levels``: 256 for 8-bit
   images, 17 for sklearn digits), e.g. uint8 pixels; float input is refused, because this function
@@ -243,6 +268,12 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels:
   for digits). The reference's ``offset = log2(inverse_scaler'(0)) + 8`` (score_sde_pytorch issue #51)
   is the last two terms for L = 256.
 
+  Variational dequantization (Ho et al. 2019; Song, Durkan, Murray, Ermon 2021): pass
+  ``dequantizer(rng, levels) -> (u, log q(u | levels))`` (e.g. ``dequantization.as_dequantizer``) and
+  u ~ q replaces U[0, 1)^D, bpd gaining log q / (D ln 2); -log2 P(levels) / D ≤ E_q[bpd] holds for any q.
+  The default (None) is ``uniform_dequantizer`` (log q = 0): the formula above. A ``Partial``'s arrays
+  are traced, as ``score_fn``'s.
+
   Other arguments as in ``get_log_likelihood_fn``; ``inverse_scaler`` must be elementwise affine.
   """
   _check_options(sde, hutchinson_type, num_probes, rtol, atol, eps, method, max_steps)
@@ -255,15 +286,16 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels:
   options = dict(hutchinson_type=hutchinson_type, num_probes=int(num_probes), rtol=float(rtol),
                  atol=float(atol), eps=float(eps), method=method, max_steps=int(max_steps), mesh=mesh)
 
-  def bits_per_dim(rng, score_fn, levels):
-    v = dequantize(rng, levels, num_levels)
+  def bits_per_dim(rng, score_fn, levels, dequantizer):
+    v, log_q = _dequantized(dequantizer, rng, levels, num_levels)
     logp, z, nfe = _log_likelihood(sde, jax.random.split(rng)[1], score_fn, (v - shift) / scale,
                                    **options)
     dim = math.prod(levels.shape[1:])
-    return -logp / (dim * math.log(2.)) + offset, z, nfe
+    return (-logp + log_q) / (dim * math.log(2.)) + offset, z, nfe
   jitted = jax.jit(bits_per_dim)
 
-  def likelihood_fn(rng: Array, score_fn: ScoreFn, levels: Array) -> tuple[Array, Array, Array]:
+  def likelihood_fn(rng: Array, score_fn: ScoreFn, levels: Array,
+                    dequantizer: Dequantizer | None = None) -> tuple[Array, Array, Array]:
     check_finite_data(levels, 'the data given to bits/dim')
     if not jnp.issubdtype(levels.dtype, jnp.integer):
       raise TypeError(
@@ -277,21 +309,23 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels:
         raise ValueError(f'data levels must lie in [0, {num_levels - 1}] (num_levels={num_levels}, '
                          f'config.data.num_levels), got values in [{low}, {high}].')
     parallel.check_batch_size(levels.shape[0], 'the batch size of the data')
-    score_tree = as_pytree(score_fn)
+    score_tree, deq_tree = as_pytree(score_fn), _dequantizer_tree(dequantizer)
     if mesh is not None:
-      score_tree = parallel.replicate(mesh, score_tree)
-    return jitted(rng, score_tree, levels)
+      score_tree, deq_tree = parallel.replicate(mesh, (score_tree, deq_tree))
+    return jitted(rng, score_tree, levels, deq_tree)
   return likelihood_fn
 
 
 def get_elbo_bpd_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels: int, eps: float,
-                    num_samples: int) -> Callable[[Array, ScoreFn, Array], Array]:
-  """``fn(rng, score_fn, levels) -> bpd (B,)``: the ELBO bound on bits/dim of discrete data.
+                    num_samples: int) -> Callable[..., Array]:
+  """``fn(rng, score_fn, levels, dequantizer=None) -> bpd (B,)``: the ELBO bound on bits/dim of discrete
+  data.
 
   As ``get_likelihood_fn``, with -log p_model(y) replaced by its upper bound L(y) of Song, Durkan,
   Murray, Ermon 2021 (``likelihood_weighting.elbo``, ``num_samples`` importance-sampled times per
-  example): the data are dequantized the same way (``dequantize``), so the two bits/dim compare
-  directly, the bound's being the larger in expectation.
+  example): the data are dequantized the same way (``dequantizer``, default uniform), so the two
+  bits/dim compare directly, the bound's being the larger in expectation. Differentiable in the
+  dequantizer's parameters (what ``dequantization_training`` minimises).
   """
   num_levels = int(num_levels)
   if num_levels < 2:
@@ -304,17 +338,18 @@ def get_elbo_bpd_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels: i
   offset = dequantization_offset_bits(inverse_scaler, num_levels)
 
   @jax.jit
-  def bound(rng, score_tree, levels):
-    v = dequantize(rng, levels, num_levels)
+  def bound(rng, score_tree, levels, deq_tree):
+    v, log_q = _dequantized(deq_tree, rng, levels, num_levels)
     nats = likelihood_weighting.elbo(jax.random.split(rng)[1], score_tree, sde, (v - shift) / scale,
                                      eps=float(eps), num_samples=int(num_samples))
-    return nats / (math.prod(levels.shape[1:]) * math.log(2.)) + offset
+    return (nats + log_q) / (math.prod(levels.shape[1:]) * math.log(2.)) + offset
 
-  def elbo_bpd_fn(rng: Array, score_fn: ScoreFn, levels: Array) -> Array:
+  def elbo_bpd_fn(rng: Array, score_fn: ScoreFn, levels: Array,
+                  dequantizer: Dequantizer | None = None) -> Array:
     if not jnp.issubdtype(levels.dtype, jnp.integer):
       raise TypeError(f'get_elbo_bpd_fn expects integer data levels in [0, {num_levels - 1}], got dtype '
                       f'{levels.dtype}: it dequantizes them itself.')
-    return bound(rng, as_pytree(score_fn), levels)
+    return bound(rng, as_pytree(score_fn), levels, _dequantizer_tree(dequantizer))
   return elbo_bpd_fn
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from scoresde import checkpointing
 from scoresde import datasets
+from scoresde import dequantization_training
 from scoresde.infra import images
 from scoresde import losses
 from scoresde.infra import parallel
@@ -104,7 +105,9 @@ CONFIG_FILE = 'config.json'
 RESUME_MUTABLE_KEYS = ('training.n_iters', 'training.log_freq', 'training.eval_freq',
                        'training.snapshot_freq_for_preemption', 'training.n_jitted_steps',
                        'training.snapshot_sampling', 'training.snapshot_batch_size', 'eval.', 'sampling.',
-                       'data.tfds_data_dir', 'data.num_workers')
+                       'data.tfds_data_dir', 'data.num_workers',
+                       # --mode=train_deq's optional keys: they do not change the score model
+                       *(f'training.{key}' for key in dequantization_training.DEFAULTS))
 _ABSENT = '(absent)'
 
 
@@ -531,7 +534,8 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval',
                    loss['mean_loss'], loss['num_examples'])
     if config.eval.enable_bpd:
       from scoresde.evaluation import bits_per_dim  # pylint: disable=import-outside-toplevel
-      result['bpd'] = bits_per_dim.evaluate_bpd(config, eval_dir, ckpt, model, variables, sde)
+      result['bpd'] = bits_per_dim.evaluate_bpd(config, eval_dir, ckpt, model, variables, sde,
+                                                workdir=workdir)
     if config.eval.enable_sampling:
       from scoresde.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
       result['samples'] = sample_quality.evaluate_samples(config, eval_dir, ckpt, model, variables, sde)

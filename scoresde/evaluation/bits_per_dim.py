@@ -12,6 +12,12 @@ It fixes three weaknesses of the reference's evaluation (score_sde run_lib.py):
 - a final JSON file holds the mean, its standard error, NFE and the settings (the reference writes
   none).
 
+Beside the ODE bits/dim (``bpd``): the ELBO bound on them (``elbo_bpd``, ``likelihood.get_elbo_bpd_fn``)
+when the optional key ``config.eval.elbo_num_samples`` is set (> 0: importance-sampled times per example),
+and, when the run directory holds a variational dequantizer (``--mode=train_deq``,
+``dequantization_training``), the same numbers with it in place of uniform dequantization (``deq_bpd``,
+``deq_elbo_bpd``), from the same noise, probes and times.
+
 Files, in ``eval_dir``: ``bpd_{split}_ckpt_{ckpt}/settings.json`` and ``r{repeat}_b{batch}.npz`` (the
 real examples' ``bpd`` and ``nfe``), and ``bpd_{split}_ckpt_{ckpt}.json`` (the aggregate).
 """
@@ -30,6 +36,7 @@ import jax
 import numpy as np
 
 from scoresde import datasets
+from scoresde import dequantization_training
 from scoresde.evaluation import rounds
 from scoresde import likelihood
 from scoresde.infra import parallel
@@ -71,8 +78,14 @@ def _check_config(config) -> None:
   parallel.check_batch_size(int(config.eval.batch_size), 'config.eval.batch_size')
 
 
+def _elbo_num_samples(config) -> int:
+  """``config.eval.elbo_num_samples``, an optional key: absent (the reference configs) or 0, no bound."""
+  return int(config.eval.elbo_num_samples) if 'elbo_num_samples' in config.eval else 0
+
+
 def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, variables: Any,
-                 sde: sde_lib.SDE, *, show_progress: bool = True) -> dict[str, Any]:
+                 sde: sde_lib.SDE, *, show_progress: bool = True,
+                 workdir: str | None = None) -> dict[str, Any]:
   """Bits/dim of ``model`` (with ``variables``, e.g. the EMA weights) on ``config.eval.bpd_dataset``.
 
   Each of ``config.eval.bpd_num_repeats`` passes draws fresh dequantization noise (and probes), so the
@@ -80,17 +93,32 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
   writes to ``eval_dir/bpd_{split}_ckpt_{ckpt}.json``) ``bpd`` (mean over examples and repeats),
   ``bpd_stderr`` (standard error of that mean: the spread of the per-example means over repeats, over
   √examples), ``bpd_per_repeat``, ``nfe_mean``/``nfe_max``, ``num_examples``, ``num_failed`` (solves
-  that hit the step limit, NaN) and the settings.
+  that hit the step limit, NaN) and the settings; and ``elbo_bpd``, ``deq_bpd``, ``deq_elbo_bpd`` (each
+  with its ``_stderr``) where computed (module doc). ``workdir``: the run directory, searched for a
+  dequantizer (None: none is used).
   """
   _check_config(config)
   split, repeats = str(config.eval.bpd_dataset), int(config.eval.bpd_num_repeats)
   settings = bpd_settings(config)
   num_levels = int(config.data.num_levels)
+  inverse_scaler = datasets.get_data_inverse_scaler(config)
   bpd_fn = likelihood.get_likelihood_fn(
-      sde, datasets.get_data_inverse_scaler(config), num_levels=num_levels,
+      sde, inverse_scaler, num_levels=num_levels,
       hutchinson_type=config.eval.hutchinson_type, num_probes=config.eval.num_probes,
       rtol=config.eval.ode_rtol, atol=config.eval.ode_atol, eps=config.eval.likelihood_eps,
       method=config.eval.ode_method)
+  elbo_samples = _elbo_num_samples(config)
+  elbo_fn = likelihood.get_elbo_bpd_fn(sde, inverse_scaler, num_levels=num_levels,
+                                       eps=config.eval.likelihood_eps,
+                                       num_samples=elbo_samples) if elbo_samples else None
+  loaded = dequantization_training.load_dequantizer(config, workdir) if workdir is not None else None
+  dequantizer = loaded[0] if loaded is not None else None
+  if elbo_fn is not None:
+    settings['elbo_num_samples'] = elbo_samples
+  if loaded is not None:
+    settings['dequantizer_step'] = int(loaded[1]['step'])
+    logging.info('bits/dim with the variational dequantizer of %s (step %d) too',
+                 dequantization_training.dequantizer_workdir(workdir), settings['dequantizer_step'])
   run_dir = os.path.join(eval_dir, f'bpd_{split}_ckpt_{ckpt}')
   resumable.open_run_dir(run_dir, settings, 'partial bits/dim results')
   mesh = parallel.data_mesh()
@@ -112,12 +140,21 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
     levels = likelihood.levels_from_unit_interval(
         batch['image'], num_levels, f'bits/dim input batch {index} (repeat {repeat}) of the {split} split')
     rng = jax.random.fold_in(jax.random.fold_in(base_rng, repeat), index)
-    bpd, _, nfe = bpd_fn(rng, score_fn, parallel.shard_batch(mesh, levels))
+    levels = parallel.shard_batch(mesh, levels)
+    bpd, _, nfe = bpd_fn(rng, score_fn, levels)
     mask = parallel.gather(batch['mask'])
-    return {'bpd': parallel.gather(bpd)[mask], 'nfe': parallel.gather(nfe)[mask]}
+    arrays = {'bpd': parallel.gather(bpd)[mask], 'nfe': parallel.gather(nfe)[mask]}
+    if elbo_fn is not None:
+      arrays['elbo_bpd'] = parallel.gather(elbo_fn(rng, score_fn, levels))[mask]
+    if dequantizer is not None:
+      arrays['deq_bpd'] = parallel.gather(bpd_fn(rng, score_fn, levels, dequantizer)[0])[mask]
+      if elbo_fn is not None:
+        arrays['deq_elbo_bpd'] = parallel.gather(elbo_fn(rng, score_fn, levels, dequantizer))[mask]
+    return arrays
 
   bpds: list[list[np.ndarray]] = [[] for _ in range(repeats)]
   nfes: list[np.ndarray] = []
+  others: dict[str, list[list[np.ndarray]]] = {}  # elbo_bpd, deq_bpd, deq_elbo_bpd: as bpds
 
   def postfix(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     running = np.concatenate([b for rows in bpds for b in rows])
@@ -129,6 +166,9 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
       show_progress=show_progress, postfix=postfix):
     bpds[repeat].append(arrays['bpd'])
     nfes.append(arrays['nfe'])
+    for key in ('elbo_bpd', 'deq_bpd', 'deq_elbo_bpd'):
+      if key in arrays:
+        others.setdefault(key, [[] for _ in range(repeats)])[repeat].append(arrays[key])
 
   per_repeat = np.stack([np.concatenate(rows) for rows in bpds])  # (repeats, examples)
   nfe_all = np.concatenate(nfes)
@@ -150,6 +190,11 @@ def evaluate_bpd(config, eval_dir: str, ckpt: int | str, model: nn.Module, varia
       'seconds': round(time.time() - started, 1),
       'settings': settings,
   }
+  for key, rows in others.items():
+    values = np.stack([np.concatenate(r) for r in rows])
+    result[key] = float(values.mean())
+    result[key + '_stderr'] = float(values.mean(axis=0).std(ddof=1) / math.sqrt(n)) if n > 1 else float('nan')
+    logging.info('%s %s ckpt %s: %.4f ± %.4f', key, split, ckpt, result[key], result[key + '_stderr'])
   logging.info('bits/dim %s ckpt %s: %.4f ± %.4f (%d examples × %d repeats, mean NFE %.1f)', split,
                ckpt, result['bpd'], result['bpd_stderr'], n, repeats, result['nfe_mean'])
   if jax.process_index() == 0:
