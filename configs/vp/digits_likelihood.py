@@ -18,7 +18,7 @@ def get_config():
   config.training.importance_sampling = True
   # --mode=train_deq (variational dequantization, their Sec. 5.2) after training; other deq_* keys default
   # (dequantization_training.DEFAULTS). --mode=eval reports the ELBO bound next to the ODE bits/dim.
-  config.training.deq_n_iters = 2000
+  config.training.deq_n_iters = 1000
   config.eval.elbo_num_samples = 4
   config.sampling.method = 'edm_sde'
   config.sampling.num_steps = 18
