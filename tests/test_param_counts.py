@@ -55,6 +55,7 @@ PARAM_COUNTS = {
     've/digits_ncsnpp_continuous': 752_865,
     'vp/digits_ncsnpp_continuous': 748_737,
     'subvp/digits_ncsnpp_continuous': 748_737,
+    'vp/digits_likelihood': 748_737,
     # DDPM (models/ddpm.py)
     've/cifar10_ddpm': 35_218_947,
     'vp/ddpm/cifar10': 35_218_947,
