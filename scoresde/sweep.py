@@ -542,7 +542,8 @@ def _ckpt_order(tag: str, path: str) -> tuple[int, int, float]:
 # group is the checkpoint tag, and the report's column for each of their keys.
 EVAL_FILES = (
     (r'ckpt_(.+)_loss\.json', {'mean_loss': 'eval_mean_loss'}),
-    (r'bpd_\w+?_ckpt_(.+)\.json', {'bpd': 'bpd', 'bpd_stderr': 'bpd_stderr'}),
+    (r'bpd_\w+?_ckpt_(.+)\.json', {'bpd': 'bpd', 'bpd_stderr': 'bpd_stderr', 'elbo_bpd': 'elbo_bpd',
+                                    'deq_bpd': 'deq_bpd', 'deq_elbo_bpd': 'deq_elbo_bpd'}),
     (r'report_ckpt_(.+)\.json', {'fid': 'fid', 'is': 'is', 'kid': 'kid'}),
 )
 

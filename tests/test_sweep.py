@@ -218,7 +218,7 @@ def test_report_gathers_metrics_and_eval_results(tmp_path):
   # Resumed at step 10 (steps 10 and 20 logged again: the later records win), evaluated twice.
   _fake_run(root, 'lr=0.001', [(10, 3.0), (20, 2.5), (10, 2.9), (20, 2.4), (30, 2.0)], 30,
             {'ckpt_1_loss.json': {'ckpt': 1, 'mean_loss': 9.}, 'ckpt_3_loss.json': {'ckpt': 3, 'mean_loss': 2.1},
-             'bpd_test_ckpt_3.json': {'bpd': 2.25, 'bpd_stderr': 0.01, 'settings': {'x': 1}},
+             'bpd_test_ckpt_3.json': {'bpd': 2.25, 'bpd_stderr': 0.01, 'deq_bpd': 2.1, 'settings': {'x': 1}},
              'report_ckpt_3.json': {'fid': 12.5, 'is': 3.1, 'kid': 0.02}})
   # Killed while writing a line: it is skipped.
   _fake_run(root, 'lr=0.0002', [(10, 4.0), (20, 3.5)], 30, tail='{"step": 30, "trai')
@@ -228,6 +228,7 @@ def test_report_gathers_metrics_and_eval_results(tmp_path):
   assert first['step'] == 30 and first['training_loss'] == 2.0 and first['eval_ckpt'] == '3'
   assert (first['eval_mean_loss'], first['bpd'], first['bpd_stderr'], first['fid'], first['kid']) == (
       2.1, 2.25, 0.01, 12.5, 0.02)
+  assert first['deq_bpd'] == 2.1 and 'elbo_bpd' not in first  # reported when the eval wrote it
   assert curves['lr=0.001'] == [(10, 2.9), (20, 2.4), (30, 2.0)]
   assert rows[1]['step'] == 20 and rows[1]['training_loss'] == 3.5 and 'bpd' not in rows[1]
 
