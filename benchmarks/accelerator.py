@@ -20,7 +20,10 @@ Rows, in this order (``--time_budget_s`` skips the rest once exceeded, printing 
    ``--pc_steps`` steps of the same loop and extrapolated to N = ``config.model.num_scales`` (as
    benchmarks/sampling.py's ``_bench_pc``), and the fast samplers heun (18 steps), dpm_solver++ (35) and
    edm_sde (18) through ``sampling.get_sampling_fn``; float32 rows first, then bfloat16
-   (``config.sampling.dtype``). Compile + first call timed apart from a second, timed call.
+   (``config.sampling.dtype``). Compile + first call timed apart from a second, timed call;
+4. anomaly detection (issue 11): inputs/s of ``--mode=qa``'s residual at 64x64x4 with
+   configs/qa/latents.py's network, K = 8 at the recipe's one σ, ``--qa_batch`` inputs per call
+   (``benchmarks/qa.py``'s ``throughput``), float32.
 
 ``--small`` swaps in tiny models (nf 8, one residual block per resolution, 8x8x1 digits-like images,
 batches 4 / 4 / 2, 2 PC steps) so the whole script can be smoke-tested on a CPU in a few minutes: its
@@ -48,7 +51,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
-import sampling as sampling_bench  # pylint: disable=g-import-not-at-top  (benchmarks/sampling.py)
+import qa as qa_bench  # pylint: disable=g-import-not-at-top  (benchmarks/qa.py)
+import sampling as sampling_bench  # benchmarks/sampling.py
 import train_throughput  # benchmarks/train_throughput.py
 from scoresde import datasets
 from scoresde import likelihood
@@ -66,7 +70,8 @@ flags.DEFINE_integer('train_calls', 10, 'Timed training calls (n_jitted_steps st
 flags.DEFINE_integer('lik_batch', 4, 'Random images per likelihood call.')
 flags.DEFINE_float('lik_perturb', 0.02, 'Std of the random kernels that replace the (near-)zero-initialised '
                    'ones for the likelihood row (0: keep them; the score is then ~0 and the NFE trivial).')
-flags.DEFINE_list('only', ['train', 'likelihood', 'sample'], 'Row groups to run (the others are left out).')
+flags.DEFINE_integer('qa_batch', 64, 'Inputs per call of the anomaly-detection row (64x64x4).')
+flags.DEFINE_list('only', ['train', 'likelihood', 'sample', 'qa'], 'Row groups to run (the others are left out).')
 
 MODELS = (('NCSN++', 've.cifar10_ncsnpp_continuous'), ('DDPM++', 'vp.cifar10_ddpmpp_continuous'))
 FAST = (('heun', 18), ('dpm_solver++', 35), ('edm_sde', 18))
@@ -204,6 +209,12 @@ def fast_row(config, model, variables, batch: int, method: str, num_steps: int):
   return (batch, nfe, first, wall, f'**{batch / wall:.2f} images/s**', f'num_steps = {num_steps}')
 
 
+def qa_row(batch: int):
+  r = qa_bench.throughput(batch, (0.05,), calls=2, show=False)
+  return (batch, f'{r["num_draws"]} per input', r['compile_seconds'], r['seconds_per_batch'],
+          f'**{r["inputs_per_second"]:.1f} inputs/s**', f'64x64x4, {r["params"]:,} params, sigma = 0.05')
+
+
 def main(argv):
   del argv
   small = FLAGS.small
@@ -238,6 +249,8 @@ def main(argv):
         table.row(f'sample: {method}', name, dtype,
                   lambda c=config, m=model, v=variables, k=method, s=num_steps: fast_row(
                       c, m, v, sample_batch, k, s))
+  if 'qa' in FLAGS.only:
+    table.row('qa residual', 'qa/latents', 'float32', lambda: qa_row(2 if small else FLAGS.qa_batch))
   print()
   print(f'Random-init weights (timing does not depend on the weights, except the ODE likelihood\'s NFE); '
         f'training: the trainer\'s step (run_lib.build_multi_step), config n_jitted_steps, compile + first '

@@ -9,7 +9,15 @@ Part 2 (``--part=time``): the adaptive likelihood solve (Dopri5 + PID, one Radem
 Gaussian mixture with its exact score under VP, sub-VP and VE, in the time t and in the log
 noise-to-signal ratio u = log(σ(t)/a(t)); mean/max NFE and the bits/dim error against rtol = atol = 1e-8.
 
-  .venv/bin/python benchmarks/likelihood_cost.py [--part=eval|time|both] [--config=vp.cifar10_ddpmpp_continuous]
+Part 3 (``--part=solvers``): fewer evaluations from the solver and tolerance. ``likelihood.get_log_likelihood_fn``
+(the library's solve: per-example adaptive steps, one Rademacher probe, eps = 1e-5) with each adaptive
+solver of ``ode_solvers.SOLVERS`` at rtol = atol ∈ {1e-5, 1e-4, 1e-3}: mean/max NFE, wall time of the
+batch, and the max bits/dim error against Dopri8 at 1e-8 (mixture) / 1e-7 (network), same probes. On the
+64-D mixture (exact score) under VP, sub-VP and VE, and, with ``--workdir`` (a digits checkpoint of
+``--digits_config``, e.g. ``make demo``'s runs/digits_ve), on 32 uniformly dequantized test digits through
+the trained network.
+
+  .venv/bin/python benchmarks/likelihood_cost.py [--part=eval|time|solvers|both] [--config=vp.cifar10_ddpmpp_continuous]
 """
 
 from __future__ import annotations
@@ -29,13 +37,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scoresde import gaussian_mixture  # pylint: disable=g-import-not-at-top
+from scoresde import checkpointing  # pylint: disable=g-import-not-at-top
+from scoresde import datasets
+from scoresde import gaussian_mixture
+from scoresde import likelihood
 from scoresde import likelihood_weighting
+from scoresde import ode_solvers
 from scoresde import sde_lib
 from scoresde.models import utils as mutils
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('part', 'both', ['eval', 'time', 'both'], 'Which measurement to run.')
+flags.DEFINE_enum('part', 'both', ['eval', 'time', 'solvers', 'both'],
+                  'Which measurement to run (both: eval and time).')
+flags.DEFINE_string('workdir', '', 'Part 3: a trained digits workdir (e.g. runs/digits_ve).')
+flags.DEFINE_string('digits_config', 've.digits_ncsnpp_continuous', 'Part 3: configs.<this> of --workdir.')
 flags.DEFINE_string('config', 'vp.cifar10_ddpmpp_continuous', 'configs.<this> for part 1.')
 flags.DEFINE_integer('nf', 32, 'model.nf for part 1.')
 flags.DEFINE_integer('batch', 4, 'Batch of part 1.')
@@ -130,6 +145,50 @@ def time_variable() -> None:
               f'{error:.2e} |', flush=True)
 
 
+SOLVER_TOLERANCES = (1e-5, 1e-4, 1e-3)
+
+
+def _solver_rows(name: str, sde, score_fn, x, reference_tol: float) -> None:
+  """One table row per (solver, tolerance): NFE, seconds and bits/dim error on x against Dopri8."""
+  dims = math.prod(x.shape[1:])
+  rng = jax.random.PRNGKey(1)
+
+  def solve(method: str, tol: float):
+    fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=1, rtol=tol, atol=tol, eps=1e-5,
+                                          method=method, max_steps=20_000)
+    logp, _, nfe = fn(rng, score_fn, x)  # compiles
+    started = time.time()
+    logp, _, nfe = fn(rng, score_fn, x)
+    jax.block_until_ready(logp)
+    return np.asarray(logp, np.float64), np.asarray(nfe), time.time() - started
+  exact, _, _ = solve('dopri8', reference_tol)
+  for method in (m for m in ode_solvers.SOLVERS if m != 'rk45'):  # rk45 is dopri5's other name
+    for tol in SOLVER_TOLERANCES:
+      logp, nfe, seconds = solve(method, tol)
+      error = float(np.max(np.abs(logp - exact))) / (dims * math.log(2.))
+      print(f'| {name} | {method} | {tol:g} | {nfe.mean():.0f} | {nfe.max()} | {seconds:.2f} | {error:.1e} |',
+            flush=True)
+
+
+def solvers() -> None:
+  print('| data | solver | rtol = atol | NFE mean | NFE max | seconds | max bits/dim error |\n'
+        '|---|---|---|---|---|---|---|')
+  for name, sde in (('VP', sde_lib.VPSDE(0.1, 20., 1000)), ('sub-VP', sde_lib.subVPSDE(0.1, 20., 1000)),
+                    ('VE', sde_lib.VESDE(0.01, 50., 1000))):
+    data = gaussian_mixture.default_mixture(64, separation=1., std=0.3)
+    x = data.sample(jax.random.PRNGKey(0), 16)
+    _solver_rows(f'64-D mixture, {name}, exact score', sde, gaussian_mixture.isotropic_score_fn(sde, data), x, 1e-8)
+  if FLAGS.workdir:
+    config = importlib.import_module(f'configs.{FLAGS.digits_config}').get_config()
+    sde = sde_lib.get_sde(config)
+    variables, step = checkpointing.load_variables(config, FLAGS.workdir, ema=True)
+    score_fn = mutils.network_score_fn(config, sde, mutils.create_model(config), variables)
+    levels = np.asarray(datasets._digits_raw()[datasets.digits_split_indices('test')][:32])  # pylint: disable=protected-access
+    u = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), levels.shape))
+    x = datasets.get_data_scaler(config)(((levels + u) / datasets.DIGITS_NUM_LEVELS)[..., None].astype(np.float32))
+    _solver_rows(f'digits NCSN++ (step {step}), 32 test digits', sde, score_fn, jnp.asarray(x), 1e-7)
+
+
 def main(argv):
   del argv
   print(f'jax {jax.__version__}, {jax.devices()[0].platform}, {time.strftime("%Y-%m-%d")}')
@@ -137,6 +196,8 @@ def main(argv):
     eval_cost()
   if FLAGS.part in ('time', 'both'):
     time_variable()
+  if FLAGS.part == 'solvers':
+    solvers()
 
 
 if __name__ == '__main__':

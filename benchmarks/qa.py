@@ -17,18 +17,34 @@ the clean digits test split (300 images, never seen) and on corrupted copies of 
 Per corruption: AUROC of each score against the clean test scores, and the reject rate at the calibrated
 threshold; on clean test data the false-reject rate with its binomial standard error. Scores: the recipe's
 single-σ residual (σ = 0.05, K = 8), the multi-σ fused score (sum over σ of residuals standardised on the
-calibration set), and a pixel-space baseline (‖(x - μ) / sd‖², per-pixel mean and std of the train split,
-sd floored at 0.05) thresholded at the same percentile of the same calibration set. Non-finite inputs
-score +inf under every detector (all flag them). Writes ``--out/results.json`` and prints the table.
+calibration set), the two-sided profile score (Mahalanobis distance of the log residuals across σ,
+``anomaly.profile_score``), and a pixel-space baseline (‖(x - μ) / sd‖², per-pixel mean and std of the
+train split, sd floored at 0.05) thresholded at the same percentile of the same calibration set.
+Non-finite inputs score +inf under every detector (all flag them).
+
+With ``--likelihood_workdir`` (a generative digits checkpoint, e.g. ``make demo``'s runs/digits_ve, of
+``--likelihood_config``), the exact-likelihood detector joins as a baseline on the first
+``--likelihood_n`` inputs of each set: the bits/dim of the model's continuous density at the input itself
+(probability-flow ODE, ``likelihood.get_log_likelihood_fn`` with the config's eval settings; no
+dequantization, since corrupted inputs are off the grid), AUROC only: one-sided (high bits/dim is
+anomalous) and two-sided (distance from the mean bits/dim of as many *train* images, the typicality test
+of Nalisnick et al. 2019). No reject rate: the generative model saw the whole train split, so there is no
+held-out clean set to calibrate it on without spending test images.
+
+Writes ``--workdir/results.json`` and prints the table. ``--reuse`` keeps a detector already trained in
+``--workdir`` (recalibrates it and re-runs --mode=qa).
 
   python benchmarks/qa.py --workdir=/tmp/qa_bench --n_iters=2000
+  python benchmarks/qa.py --workdir=/tmp/qa_bench --reuse --likelihood_workdir=runs/digits_ve
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import time
 
@@ -92,6 +108,14 @@ def auroc(clean: np.ndarray, anomalous: np.ndarray) -> float:
   return float(greater + 0.5 * ties)
 
 
+def rate_with_error(p: float, n: int) -> str:
+  """'p ± SE' of a rejection rate; with no rejections the SE at p = 0 would read 0, so the SE that
+  n can resolve at the nominal 0.5 % is given as a bound instead."""
+  if p == 0:
+    return f'0 / {n} (SE ≤ {math.sqrt(0.005 * 0.995 / n):.1%})'
+  return f'{p:.1%} ± {math.sqrt(p * (1 - p) / n):.1%}'
+
+
 def pixel_z_score(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
   flat = x.reshape(len(x), -1).astype(np.float64)
   z = np.sum(((flat - mean) / std)**2, axis=1)
@@ -127,7 +151,40 @@ def make_figure(workdir: str, out_path: str) -> None:
   print(f'figure: {out_path} ({len(panels)} rejects)')
 
 
-def throughput(batch: int, sigmas: tuple[float, ...], calls: int = 2) -> dict[str, float]:
+def likelihood_bits(sets: dict[str, np.ndarray], config_path: str, workdir: str, n: int,
+                    seed: int) -> dict[str, np.ndarray]:
+  """Per set, the first ``n`` inputs' bits/dim of the generative checkpoint's continuous density
+  (+inf for non-finite inputs), and the mean of ``n`` train images' under 'train'."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from scoresde import checkpointing, likelihood, sde_lib  # pylint: disable=import-outside-toplevel
+  from scoresde.models import utils as mutils  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location('likelihood_config', config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)  # a config of this repository, named by the user running the benchmark
+  config = module.get_config()
+  sde = sde_lib.get_sde(config)
+  variables, _ = checkpointing.load_variables(config, workdir, ema=True)
+  score_fn = mutils.network_score_fn(config, sde, mutils.create_model(config), variables)
+  logp_fn = likelihood.get_log_likelihood_fn(
+      sde, config.eval.hutchinson_type, num_probes=config.eval.num_probes, rtol=config.eval.ode_rtol,
+      atol=config.eval.ode_atol, eps=config.eval.likelihood_eps, method=config.eval.ode_method)
+  scaler = datasets.get_data_scaler(config)
+  rng = jax.random.PRNGKey(seed)
+  out = {}
+  for name, x in {**sets, 'train': digits_split('train')[:: max(1, 1497 // n)][:n]}.items():
+    x = x[:n]
+    finite = np.all(np.isfinite(x.reshape(len(x), -1)), axis=1)
+    started = time.time()
+    logp, _, nfe = logp_fn(rng, score_fn, scaler(np.where(np.isfinite(x), x, 0.)))
+    bits = -np.asarray(logp, np.float64) / (np.prod(x.shape[1:]) * np.log(2.))
+    out[name] = np.where(finite, bits, np.inf)
+    print(f'likelihood {name}: {len(x)} inputs, NFE max {int(np.max(nfe))}, {time.time() - started:.0f} s, '
+          f'mean bits/dim {np.mean(bits):.3f}', flush=True)
+  return out
+
+
+def throughput(batch: int, sigmas: tuple[float, ...], calls: int = 2, show: bool = True) -> dict[str, float]:
   """Inputs per second of the residual at 64x64x4 with configs/qa/latents.py's network (random
   weights: the cost does not depend on them), ``batch`` inputs per call, K = 8, at ``sigmas``."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -151,7 +208,8 @@ def throughput(batch: int, sigmas: tuple[float, ...], calls: int = 2) -> dict[st
   out = {'backend': jax.default_backend(), 'batch': batch, 'sigmas': list(sigmas), 'num_draws': 8,
          'params': mutils.param_count(variables), 'compile_seconds': round(compile_seconds, 1),
          'seconds_per_batch': round(seconds, 2), 'inputs_per_second': round(batch / seconds, 2)}
-  print(json.dumps(out))
+  if show:
+    print(json.dumps(out))
   return out
 
 
@@ -164,6 +222,10 @@ def main():
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--figure', default='', help='also write the heatmap figure here (e.g. assets/...)')
   parser.add_argument('--figure_only', action='store_true', help='only (re)make --figure from --workdir')
+  parser.add_argument('--reuse', action='store_true', help='keep the detector trained in --workdir')
+  parser.add_argument('--likelihood_workdir', default='', help='a generative digits checkpoint\'s workdir')
+  parser.add_argument('--likelihood_config', default='configs/ve/digits_ncsnpp_continuous.py')
+  parser.add_argument('--likelihood_n', type=int, default=100, help='inputs per set for the likelihood')
   parser.add_argument('--throughput', type=int, default=0,
                       help='only measure --mode=qa throughput at 64x64x4 with this many inputs per batch')
   args = parser.parse_args()
@@ -191,9 +253,13 @@ def main():
   config.lock()
 
   started = time.time()
-  run_lib.train(config, os.path.join(args.workdir, 'detector'))
-  train_seconds = time.time() - started
   workdir = os.path.join(args.workdir, 'detector')
+  if args.reuse:
+    run_lib.qa_calibrate(config, workdir)
+    shutil.rmtree(os.path.join(workdir, 'qa', 'inputs'), ignore_errors=True)  # this script's own outputs
+  else:
+    run_lib.train(config, workdir)
+  train_seconds = time.time() - started
   calibration = anomaly.load_calibration(os.path.join(workdir, 'qa_calibration.json'))
 
   rng = np.random.default_rng(args.seed)
@@ -209,14 +275,20 @@ def main():
 
   rows = report['inputs']
   inf = float('inf')
-  by_set = {name: {'single': [], 'fused': [], 'reject': [], 'reject_fused': []} for name in sets}
+  by_set = {name: {'single': [], 'fused': [], 'profile': [], 'reject': [], 'reject_fused': [],
+                   'reject_profile': []} for name in sets}
   for r in rows:
     name = r['id'].split('.npy')[0]
     by_set[name]['single'].append(inf if r['score'] is None else r['score'])
     by_set[name]['fused'].append(inf if r['fused_score'] is None else r['fused_score'])
+    by_set[name]['profile'].append(inf if r['profile_score'] is None else r['profile_score'])
     by_set[name]['reject'].append(r['decision'] == 'reject')
-    fused = r['fused_score']
-    by_set[name]['reject_fused'].append(fused is None or fused > calibration.fused_threshold)
+    by_set[name]['reject_fused'].append(by_set[name]['fused'][-1] > calibration.fused_threshold)
+    by_set[name]['reject_profile'].append(by_set[name]['profile'][-1] > calibration.profile_threshold)
+  bits = {}
+  if args.likelihood_workdir:
+    bits = likelihood_bits(sets, args.likelihood_config, args.likelihood_workdir, args.likelihood_n, args.seed)
+    typical = float(np.mean(bits.pop('train')))
 
   # Pixel-space baseline, calibrated on the same held-out images.
   calib_images = train[datasets.arrays_split_indices(len(train), args.holdout, 'test')]
@@ -233,36 +305,50 @@ def main():
     pixel = pixel_z_score(x, mean, std)
     entry = {'n': len(x),
              'reject_single': float(s['reject'].mean()), 'reject_fused': float(s['reject_fused'].mean()),
+             'reject_profile': float(s['reject_profile'].mean()),
              'reject_pixel': float(np.mean(pixel > pixel_threshold))}
+    if bits and np.any(np.isfinite(bits[name])):
+      entry['bits_per_dim_mean'] = float(np.mean(bits[name][np.isfinite(bits[name])]))
     if name == 'clean':
-      for key in ('reject_single', 'reject_fused', 'reject_pixel'):
+      for key in ('reject_single', 'reject_fused', 'reject_profile', 'reject_pixel'):
         p = entry[key]
         entry[key + '_se'] = float(np.sqrt(max(p * (1 - p), 1e-12) / len(x)))
     else:
       entry.update(auroc_single=auroc(clean['single'], s['single']), auroc_fused=auroc(clean['fused'], s['fused']),
-                   auroc_pixel=auroc(clean_pixel, pixel))
+                   auroc_profile=auroc(clean['profile'], s['profile']), auroc_pixel=auroc(clean_pixel, pixel))
+      if bits:
+        entry.update(auroc_likelihood=auroc(bits['clean'], bits[name]),
+                     auroc_likelihood_typical=auroc(np.abs(bits['clean'] - typical), np.abs(bits[name] - typical)))
     results[name] = entry
 
   out = {'results': results, 'calibration': json.loads(calibration.to_json()),
          'n_iters': args.n_iters, 'unit_weighting': bool(args.unit_weighting), 'holdout': args.holdout,
          'train_seconds': round(train_seconds, 1), 'qa_seconds': round(qa_seconds, 1),
-         'qa_inputs_per_second': report['summary']['inputs_per_second'], 'summary': report['summary']}
+         'qa_inputs_per_second': report['summary']['inputs_per_second'], 'summary': report['summary'],
+         'likelihood_n': args.likelihood_n if bits else 0}
   with open(os.path.join(args.workdir, 'results.json'), 'w', encoding='utf-8') as f:
     json.dump(out, f, indent=2)
 
   print(f'detector: {args.n_iters} steps ({train_seconds:.0f} s), calibrated on {calibration.num_examples} '
         f'held-out clean images, threshold {calibration.threshold:.4g} (sigma={calibration.sigma}, '
         f'K={calibration.num_draws}); qa of {len(rows)} inputs in {qa_seconds:.0f} s')
-  print('| input | AUROC σ=0.05 | AUROC fused | AUROC pixel z | reject σ=0.05 | reject fused | reject pixel z |')
-  print('|---|---|---|---|---|---|---|')
+  likelihood = bool(bits)
+  header = ['input', 'AUROC σ=0.05', 'AUROC fused', 'AUROC profile', 'AUROC pixel z']
+  header += ['AUROC bits/dim', 'AUROC bits/dim typical'] if likelihood else []
+  header += ['reject σ=0.05', 'reject fused', 'reject profile', 'reject pixel z']
+  print('| ' + ' | '.join(header) + ' |')
+  print('|' + '---|' * len(header))
   for name, e in results.items():
     if name == 'clean':
-      print(f'| clean test (false rejects) | – | – | – | {e["reject_single"]:.1%} ± {e["reject_single_se"]:.1%} | '
-            f'{e["reject_fused"]:.1%} ± {e["reject_fused_se"]:.1%} | '
-            f'{e["reject_pixel"]:.1%} ± {e["reject_pixel_se"]:.1%} |')
+      cells = ['clean test (false rejects)'] + ['–'] * (6 if likelihood else 4)
+      cells += [rate_with_error(e[k], e['n'])
+                for k in ('reject_single', 'reject_fused', 'reject_profile', 'reject_pixel')]
     else:
-      print(f'| {name} | {e["auroc_single"]:.3f} | {e["auroc_fused"]:.3f} | {e["auroc_pixel"]:.3f} | '
-            f'{e["reject_single"]:.1%} | {e["reject_fused"]:.1%} | {e["reject_pixel"]:.1%} |')
+      keys = ['auroc_single', 'auroc_fused', 'auroc_profile', 'auroc_pixel']
+      keys += ['auroc_likelihood', 'auroc_likelihood_typical'] if likelihood else []
+      cells = [name] + [f'{e[k]:.3f}' for k in keys]
+      cells += [f'{e[k]:.1%}' for k in ('reject_single', 'reject_fused', 'reject_profile', 'reject_pixel')]
+    print('| ' + ' | '.join(cells) + ' |')
   if args.figure:
     make_figure(args.workdir, args.figure)
 

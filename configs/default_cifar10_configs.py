@@ -156,7 +156,10 @@ def get_default_configs():
   qa.sigmas = (0.01, 0.05, 0.1, 0.2)  # residuals reported (and fused) at these; must include qa.sigma
   qa.num_draws = 8  # noise draws per input and σ
   qa.percentile = 99.5  # threshold: this percentile of the held-out clean scores
-  qa.fused = False  # decide on the multi-σ fused score instead of the single-σ one
+  # The decision's score: 'sigma' (the recipe: the residual at qa.sigma), 'fused' (the sum over qa.sigmas
+  # of residuals standardised on the clean calibration set) or 'profile' (two-sided: the Mahalanobis
+  # distance of the log residuals across qa.sigmas; also rejects inputs explained too well, e.g. blanks).
+  qa.score = 'sigma'
   qa.calibration_split = 'test'  # the held-out clean split the threshold is computed on
   qa.calibrate_after_training = False  # --mode=train ends by calibrating (the qa/ configs)
   qa.heatmaps = True  # a per-channel heatmap PNG for every rejected input

@@ -26,6 +26,16 @@ of n, so that a fresh clean input exceeds it with probability at most 1 - q (exa
 for continuous scores; the split-conformal argument). The multi-σ fused score standardises each σ's
 residual by the clean calibration scores' mean and standard deviation and sums over σ.
 
+Both are one-sided: an input is anomalous when the model explains it *worse* than clean data. Inputs that
+remove content (a blank half, sparse strokes on a black background) are explained *better* than clean
+data at every σ (flat regions are the easiest to denoise: the failure known for likelihood detectors,
+Nalisnick et al. 2019, "Do deep generative models know what they don't know?"). The profile score is
+two-sided: the Mahalanobis distance of the input's log residuals across σ from the clean calibration
+set's mean, under their covariance, so too low, too high and a wrongly shaped profile across σ all count
+(a Gaussian density on the multi-scale residuals, as Mahmood et al. 2021, "Multiscale score matching for
+out-of-distribution detection", fit densities on multi-scale score norms). Logs, because residuals are
+positive and right-skewed and their ratios across σ carry the profile's shape.
+
 This module sees only ``score_fn(x, t)`` and the SDE (like the samplers): a trained detector, a generative
 checkpoint, an imported one or an exact analytic score are interchangeable.
 """
@@ -164,12 +174,80 @@ def fused_score(scores: np.ndarray, means: Sequence[float], stds: Sequence[float
                   np.inf)
 
 
+def log_profile(scores: np.ndarray) -> np.ndarray:
+  """(B, S): each input's log residuals across σ, for scores (S, B); +inf where a score is not finite or
+  not positive (never produced by finite inputs: a residual is a sum of squares)."""
+  scores = np.asarray(scores, np.float64).T
+  with np.errstate(divide='ignore', invalid='ignore'):
+    logs = np.log(scores)
+  return np.where(np.isfinite(logs), logs, np.inf)
+
+
+def _ridged_precision(cov: np.ndarray) -> np.ndarray:
+  """inv(cov + 1e-3 · mean variance · I), batched over leading axes of cov (..., S, S)."""
+  dims = cov.shape[-1]
+  ridge = 1e-3 * np.maximum(np.trace(cov, axis1=-2, axis2=-1) / dims, 1e-12)
+  return np.linalg.inv(cov + ridge[..., None, None] * np.eye(dims))
+
+
+def profile_moments(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The clean log profiles' mean (S,) and precision (S, S), for calibration scores (S, n).
+
+  The residuals at neighbouring σ are strongly correlated (0.8–0.98 on digits), so the covariance is
+  nearly singular: a ridge of 1e-3 of its mean variance keeps the precision finite. With n ≤ S profiles
+  there is no covariance to estimate: the diagonal of the variances (or the identity for n = 1) is used.
+  """
+  profiles = log_profile(scores)
+  if not np.all(np.isfinite(profiles)):
+    raise ValueError('calibration scores must be finite and positive (clean data).')
+  n, dims = profiles.shape
+  mean = profiles.mean(axis=0)
+  if n == 1:
+    return mean, np.eye(dims)
+  cov = np.atleast_2d(np.cov(profiles, rowvar=False))
+  if n <= dims:
+    cov = np.diag(np.diag(cov))
+  return mean, _ridged_precision(cov)
+
+
+def profile_score(scores: np.ndarray, mean: Sequence[float], precision: Sequence[Sequence[float]]) -> np.ndarray:
+  """(B,): (p - m)ᵀ P (p - m) for each input's log profile p across σ (scores (S, B)), with the clean
+  calibration's mean m and precision P; +inf where any residual is not finite."""
+  profiles = log_profile(scores)
+  finite = np.all(np.isfinite(profiles), axis=1)
+  centred = np.where(finite[:, None], profiles - np.asarray(mean, np.float64), 0.)
+  distance = np.einsum('bi,ij,bj->b', centred, np.asarray(precision, np.float64), centred)
+  return np.where(finite, distance, np.inf)
+
+
+def leave_one_out_profile_scores(scores: np.ndarray) -> np.ndarray:
+  """(n,): each calibration input's profile score under the moments of the other n - 1.
+
+  The threshold is an order statistic of these, not of the in-sample distances: a fresh input is scored
+  by moments it did not shape, and in-sample distances are smaller (by about S / n on average), so a
+  threshold on them would reject more than 1 - q of fresh clean inputs. Without input i the scatter
+  matrix is the full one less n/(n-1) (p_i - m)(p_i - m)ᵀ, so all n covariances come in one pass.
+  """
+  profiles = log_profile(scores)
+  n, dims = profiles.shape
+  if n <= dims + 1:
+    return profile_score(scores, *profile_moments(scores))
+  mean = profiles.mean(axis=0)
+  centred = profiles - mean
+  scatter = centred.T @ centred
+  outer = centred[:, :, None] * centred[:, None, :]
+  covs = (scatter[None] - n / (n - 1) * outer) / (n - 2)
+  loo_centred = centred * n / (n - 1)  # p_i minus the mean of the others
+  return np.einsum('bi,bij,bj->b', loo_centred, _ridged_precision(covs), loo_centred)
+
+
 @dataclasses.dataclass
 class Calibration:
   """A detector's threshold and what it was computed from; saved beside its checkpoint as JSON.
 
   ``threshold`` applies to the single-σ score at ``sigma``; ``fused_threshold`` to ``fused_score`` over
-  ``sigmas`` with ``sigma_means`` / ``sigma_stds``.
+  ``sigmas`` with ``sigma_means`` / ``sigma_stds``; ``profile_threshold`` to ``profile_score`` with
+  ``profile_mean`` / ``profile_precision`` (absent, None, from calibrations made before it existed).
   """
   threshold: float
   percentile: float
@@ -183,6 +261,9 @@ class Calibration:
   fused_threshold: float
   checkpoint_step: int | None = None
   split: str = ''
+  profile_mean: list[float] | None = None
+  profile_precision: list[list[float]] | None = None
+  profile_threshold: float | None = None
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -200,10 +281,14 @@ def calibrate(scores: np.ndarray, sigmas: Sequence[float], sigma: float, percent
   means, stds = scores.mean(axis=1), scores.std(axis=1, ddof=1) if scores.shape[1] > 1 else np.ones(len(sigmas))
   stds = np.where(stds > 0, stds, 1.)
   fused = threshold_at(fused_score(scores, means, stds), percentile)
+  profile_mean, precision = profile_moments(scores)
+  profile = threshold_at(leave_one_out_profile_scores(scores), percentile)
   return Calibration(threshold=single, percentile=float(percentile), sigma=float(sigma),
                      num_draws=int(num_draws), num_examples=int(scores.shape[1]), config_hash=config_hash,
                      sigmas=sigmas, sigma_means=[float(m) for m in means], sigma_stds=[float(s) for s in stds],
-                     fused_threshold=fused, **meta)
+                     fused_threshold=fused, profile_mean=[float(m) for m in profile_mean],
+                     profile_precision=[[float(v) for v in row] for row in precision],
+                     profile_threshold=profile, **meta)
 
 
 def sigma_index(sigmas: Sequence[float], sigma: float) -> int:
@@ -221,6 +306,11 @@ def save_calibration(path: str, calibration: Calibration) -> None:
 def load_calibration(path: str) -> Calibration:
   with open(path, encoding='utf-8') as f:
     fields = json.load(f)
+  known = {f.name for f in dataclasses.fields(Calibration)}
+  if not isinstance(fields, dict) or set(fields) - known:
+    unknown = sorted(set(fields) - known) if isinstance(fields, dict) else type(fields).__name__
+    raise ValueError(f'{path} is not a QA calibration written by this version (unexpected: {unknown}); '
+                     're-run --mode=qa_calibrate.')
   return Calibration(**fields)
 
 

@@ -110,6 +110,38 @@ def test_false_reject_rate_at_the_calibrated_percentile():
   assert set(reason[decision == anomaly.REJECT]) == {anomaly.REASON_ABOVE}
 
 
+def test_profile_score_is_two_sided_and_calibrated():
+  """The profile score (Mahalanobis distance of log residuals across σ) on Gaussian data with the exact
+  score: fresh clean inputs exceed its leave-one-out threshold 0.5% of the time (within binomial SE);
+  inputs pulled towards the mean, which the one-sided residual ranks as *cleaner* than clean data, are
+  rejected by it; inputs pushed away are rejected by both."""
+  sde = sde_lib.VESDE(0.01, 0.2, 4)
+  dim, std, sigmas = 64, 0.1, [0.01, 0.05, 0.1, 0.2]
+  data = gaussian_mixture.isotropic_mixture([1.], np.zeros((1, dim)), [std])
+  score_fn = gaussian_mixture.isotropic_score_fn(sde, data)
+  residuals = jax.jit(lambda x, rng: anomaly.dsm_residuals(score_fn, sde, x, sigmas, rng, num_draws=4)['score'])
+  n = 8000
+  sample = lambda seed: np.asarray(data.sample(jax.random.key(seed), n)).reshape(n, 8, 8, 1)
+  cal_scores = np.asarray(residuals(sample(0), jax.random.key(1)), np.float64)
+  cal = anomaly.calibrate(cal_scores, sigmas, SIGMA, 99.5, 4, 'h')
+  profile = lambda s: anomaly.profile_score(s, cal.profile_mean, cal.profile_precision)
+  fresh = np.asarray(residuals(sample(2), jax.random.key(3)), np.float64)
+  p = 0.005
+  frr = np.mean(profile(fresh) > cal.profile_threshold)
+  assert abs(frr - p) < 3 * math.sqrt(2 * p * (1 - p) / n), frr
+  # In-sample distances are smaller than fresh ones; the leave-one-out ones are not.
+  loo = anomaly.leave_one_out_profile_scores(cal_scores)
+  assert profile(cal_scores).mean() < loo.mean() and abs(loo.mean() - profile(fresh).mean()) < 0.1
+  shrunk = np.asarray(residuals(0.5 * sample(4), jax.random.key(5)), np.float64)
+  assert np.mean(shrunk[1] > cal.threshold) < 0.01  # the recipe's score accepts them all
+  assert np.mean(profile(shrunk) > cal.profile_threshold) > 0.95
+  stretched = np.asarray(residuals(2. * sample(6), jax.random.key(7)), np.float64)
+  assert np.mean(stretched[1] > cal.threshold) > 0.95 and np.mean(profile(stretched) > cal.profile_threshold) > 0.95
+  scores = cal_scores[:, :3].copy()
+  scores[2, 1] = np.inf
+  assert np.isinf(profile(scores)[1]) and np.all(np.isfinite(profile(scores)[[0, 2]]))
+
+
 def test_non_finite_inputs_are_flagged_never_nan():
   sde = sde_lib.VESDE(0.01, 0.2, 4)
   data = gaussian_mixture.isotropic_mixture([1.], np.zeros((1, 12)), [0.1])
@@ -176,11 +208,21 @@ def test_threshold_and_calibration_json(tmp_path):
   assert cal.threshold == anomaly.threshold_at(multi[1], 99.5) and cal.num_examples == 500
   fused = anomaly.fused_score(multi, cal.sigma_means, cal.sigma_stds)
   assert abs(fused.mean()) < 1e-9 and np.mean(fused > cal.fused_threshold) <= 0.005
+  # The profile threshold is the ⌈q(n+1)⌉-th of the leave-one-out distances, each under the others' moments.
+  keep = np.arange(500) != 7
+  alone = anomaly.profile_score(multi[:, [7]], *anomaly.profile_moments(multi[:, keep]))[0]
+  loo = anomaly.leave_one_out_profile_scores(multi)
+  assert abs(loo[7] - alone) <= 1e-9 * alone
+  assert cal.profile_threshold == anomaly.threshold_at(loo, 99.5)
   assert np.isinf(anomaly.fused_score(np.array([[1.], [np.inf]]), [0, 0], [1, 1]))[0]
   path = os.path.join(tmp_path, 'calibration.json')
   anomaly.save_calibration(path, cal)
   assert anomaly.load_calibration(path) == cal
   assert json.load(open(path))['config_hash'] == 'abc'
+  with open(path, 'w') as f:
+    json.dump({**json.loads(cal.to_json()), 'exec': 'x'}, f)
+  with pytest.raises(ValueError, match='exec'):
+    anomaly.load_calibration(path)
   with pytest.raises(ValueError, match='not among'):
     anomaly.calibrate(multi, [0.01, 0.05], 0.1, 99.5, 8, 'abc')
 
@@ -254,6 +296,21 @@ def test_qa_mode_end_to_end(tmp_path):
 
   again = run_lib.qa_check(config, workdir, str(input_dir))  # resumes every batch from its saved file
   assert again['summary']['resumed_batches'] == 2 and again['inputs'] == rows
+
+  # Deciding on the two-sided profile score: same residuals, its own threshold and decisions.
+  by_profile = _tiny_qa_config(data_dir)
+  by_profile.unlock()
+  by_profile.qa.score = 'profile'
+  np.save(tmp_path / 'few.npy', inputs[:5])
+  profiled = run_lib.qa_check(by_profile, workdir, str(tmp_path / 'few.npy'))
+  assert profiled['summary']['threshold'] == calibration.profile_threshold
+  assert profiled['summary']['score'] == 'profile'
+  for r, first in zip(profiled['inputs'], rows[:5]):
+    assert r['scores_by_sigma'] == first['scores_by_sigma'] and r['profile_score'] == first['profile_score']
+    assert (r['decision'] == 'reject') == (r['profile_score'] > calibration.profile_threshold)
+  by_profile.qa.score = 'likelihood'
+  with pytest.raises(ValueError, match=r"qa.score='likelihood' must be one of \('sigma', 'fused', 'profile'\)"):
+    run_lib.qa_check(by_profile, workdir, str(input_dir))
 
   changed = _tiny_qa_config(data_dir)
   changed.unlock()

@@ -2,13 +2,14 @@
 
 - ``calibrate(config, workdir)``: the DSM residuals of the held-out clean split
   (``config.qa.calibration_split``) at ``config.qa.sigmas`` → ``workdir/qa_calibration.json``: the
-  threshold at ``config.qa.percentile`` for the single-σ score (``qa.sigma``) and for the fused multi-σ
-  score, with the detector's config hash, σ, K, the checkpoint's step and the calibration set's size.
+  threshold at ``config.qa.percentile`` for the single-σ score (``qa.sigma``), the fused multi-σ score
+  and the two-sided profile score (``anomaly.profile_score``), with the detector's config hash, σ, K, the checkpoint's step and the calibration set's size.
   ``run_lib.train`` calls it at the end of training when ``config.qa.calibrate_after_training``.
 - ``run_qa(config, workdir, input_path)``: the residuals of every example of a .npy/.npz file or a folder
   of them (``datasets.read_arrays``; values in the training data's space: [0, 1] images or raw arrays),
-  decided against that calibration. Writes ``workdir/qa/<input>/``: ``report.json`` (per input: id,
-  score, its standard error, per-channel scores, fused score, threshold, decision, reason; and a
+  decided by ``config.qa.score`` against that calibration. Writes ``workdir/qa/<input>/``: ``report.json``
+  (per input: id, score, its standard error, per-channel scores, fused and profile scores, the threshold
+  and score decided on, decision, reason; and a
   summary), ``heatmaps/<k>.png`` for every reject (each channel of the input above its residual map,
   one colour scale per input so the failed channel stands out), and ``b<j>.npz`` per batch, kept so that
   a preempted run resumes at the next batch (``infra.resumable``). Batches of ``config.eval.batch_size``
@@ -44,6 +45,7 @@ CALIBRATION_FILE = 'qa_calibration.json'
 QA_DIR = 'qa'
 _TAG_CALIBRATION, _TAG_INPUTS = 0, 1
 _HEATMAP_MIN_SIZE = 96  # pixels per panel side: 8x8 digits are enlarged 12x
+SCORES = ('sigma', 'fused', 'profile')  # config.qa.score: what the decision thresholds
 # What makes a detector: its network, its training objective and its data (not how it is run).
 _DETECTOR_KEYS = ('model.', 'data.dataset', 'data.image_size', 'data.num_channels', 'data.centered',
                   'data.path', 'data.holdout_fraction', 'data.digits_layout', 'training.sde',
@@ -61,6 +63,8 @@ def validate_qa_config(config) -> None:
   sde_lib.get_sde(config).noise_level_time(sigmas)
   if not isinstance(qa.num_draws, int) or qa.num_draws < 1:
     raise ValueError(f'config.qa.num_draws={qa.num_draws!r} must be a positive integer.')
+  if qa.score not in SCORES:
+    raise ValueError(f'config.qa.score={qa.score!r} must be one of {SCORES}.')
   if not 0 < float(qa.percentile) < 100:
     raise ValueError(f'config.qa.percentile={qa.percentile!r} must lie in (0, 100).')
   if qa.calibration_split not in datasets.SPLITS:
@@ -139,9 +143,9 @@ def calibrate(config, workdir: str, checkpoint=None, *, show_progress: bool = Tr
   if jax.process_index() == 0:
     anomaly.save_calibration(path, calibration)
   logging.info('qa calibration: threshold %.6g (%.4g percentile of %d clean %s scores at sigma=%g, K=%d; '
-               'fused threshold %.4g) -> %s', calibration.threshold, calibration.percentile,
-               calibration.num_examples, split, calibration.sigma, calibration.num_draws,
-               calibration.fused_threshold, path)
+               'fused threshold %.4g, profile threshold %.4g) -> %s', calibration.threshold,
+               calibration.percentile, calibration.num_examples, split, calibration.sigma,
+               calibration.num_draws, calibration.fused_threshold, calibration.profile_threshold, path)
   return calibration
 
 
@@ -157,6 +161,8 @@ def load_checked_calibration(config, workdir: str, step: int | None) -> anomaly.
               'sigmas': [float(s) for s in config.qa.sigmas], 'num_draws': int(config.qa.num_draws),
               'percentile': float(config.qa.percentile)}
   changed = {k: (getattr(calibration, k), v) for k, v in expected.items() if getattr(calibration, k) != v}
+  if config.qa.score == 'profile' and calibration.profile_threshold is None:
+    changed['profile_threshold'] = (None, 'computed')
   if changed:
     listing = '; '.join(f'{k}: calibrated {old!r}, now {new!r}' for k, (old, new) in changed.items())
     raise ValueError(f'{path} was calibrated for another detector or settings ({listing}); re-run '
@@ -209,6 +215,22 @@ def _input_settings(input_path: str) -> list[list[Any]]:
   return [[str(p), os.path.getsize(p), int(os.path.getmtime(p))] for p in datasets.array_files(input_path)]
 
 
+def _derived_scores(scores: np.ndarray, calibration: anomaly.Calibration) -> dict[str, np.ndarray]:
+  """The fused and profile scores of residuals (S, B) under the calibration (profile NaN when the
+  calibration predates it and it is not decided on)."""
+  fused = anomaly.fused_score(scores, calibration.sigma_means, calibration.sigma_stds)
+  if calibration.profile_mean is None:
+    profile = np.full(scores.shape[1], np.nan)
+  else:
+    profile = anomaly.profile_score(scores, calibration.profile_mean, calibration.profile_precision)
+  return {'fused': fused, 'profile': profile}
+
+
+def _decided(scores: dict[str, np.ndarray], decision_score: str, primary: int) -> np.ndarray:
+  """The per-input score that ``config.qa.score`` thresholds."""
+  return scores['score'][primary] if decision_score == 'sigma' else scores[decision_score]
+
+
 def run_qa(config, workdir: str, input_path: str, checkpoint=None, *,
            show_progress: bool = True) -> dict[str, Any]:
   """Scores and decides every input under ``input_path``; returns the report (see the module doc)."""
@@ -217,12 +239,13 @@ def run_qa(config, workdir: str, input_path: str, checkpoint=None, *,
   detector = _Detector(config, workdir, checkpoint)
   calibration = load_checked_calibration(config, workdir, detector.step)
   ids, inputs = _read_inputs(config, input_path)
-  fused = bool(config.qa.fused)
-  threshold = calibration.fused_threshold if fused else calibration.threshold
+  decision_score = str(config.qa.score)
+  threshold = {'sigma': calibration.threshold, 'fused': calibration.fused_threshold,
+               'profile': calibration.profile_threshold}[decision_score]
   name = os.path.basename(os.path.normpath(input_path))
   out_dir = os.path.join(workdir, QA_DIR, name)
   settings = {'inputs': _input_settings(input_path), 'calibration': json.loads(calibration.to_json()),
-              'fused': fused, 'batch_size': int(config.eval.batch_size), 'seed': int(config.seed)}
+              'score': decision_score, 'batch_size': int(config.eval.batch_size), 'seed': int(config.seed)}
   resumable.open_run_dir(out_dir, settings, 'partial QA results')
   heatmap_dir = os.path.join(out_dir, 'heatmaps')
   os.makedirs(heatmap_dir, exist_ok=True)
@@ -249,8 +272,8 @@ def run_qa(config, workdir: str, input_path: str, checkpoint=None, *,
       keep = parallel.gather(mask)
       batch = {k: (v[keep] if k in ('non_finite', 'map') else v[:, keep]) for k, v in out.items()}
       batch['index'] = parallel.gather(rows)[keep]
-      batch['fused'] = anomaly.fused_score(batch['score'], calibration.sigma_means, calibration.sigma_stds)
-      decided = batch['fused'] if fused else batch['score'][detector.primary]
+      batch.update(_derived_scores(batch['score'], calibration))
+      decided = _decided(batch, decision_score, detector.primary)
       decision, _ = anomaly.decide(decided, batch['non_finite'], threshold)
       if jax.process_index() == 0:
         if config.qa.heatmaps:
@@ -260,7 +283,7 @@ def run_qa(config, workdir: str, input_path: str, checkpoint=None, *,
                 os.path.join(heatmap_dir, f'{k:06d}.png'))
         saved = {k: v for k, v in batch.items() if k != 'map'}
         resumable.atomic_write(path, lambda f, b=saved: np.savez(f, **b))
-    for key in ('index', 'score', 'score_se', 'per_channel', 'non_finite', 'fused'):
+    for key in ('index', 'score', 'score_se', 'per_channel', 'non_finite', 'fused', 'profile'):
       results[key].append(batch[key])
   seconds = time.time() - started
   index = np.concatenate(results['index'])
@@ -269,7 +292,9 @@ def run_qa(config, workdir: str, input_path: str, checkpoint=None, *,
   per_channel = np.concatenate(results['per_channel'], axis=1)
   non_finite = np.concatenate(results['non_finite'])
   fused_scores = np.concatenate(results['fused'])
-  decided = fused_scores if fused else score[detector.primary]
+  profile_scores = np.concatenate(results['profile'])
+  decided = _decided({'score': score, 'fused': fused_scores, 'profile': profile_scores}, decision_score,
+                     detector.primary)
   decision, reason = anomaly.decide(decided, non_finite, threshold)
 
   def number(v):
@@ -281,7 +306,8 @@ def run_qa(config, workdir: str, input_path: str, checkpoint=None, *,
              'score_se': number(score_se[detector.primary, r]),
              'per_channel': [number(v) for v in per_channel[detector.primary, r]],
              'scores_by_sigma': {f'{s:g}': number(score[i, r]) for i, s in enumerate(detector.sigmas)},
-             'fused_score': number(fused_scores[r]), 'threshold': threshold,
+             'fused_score': number(fused_scores[r]), 'profile_score': number(profile_scores[r]),
+             'threshold': threshold,
              'decision': str(decision[r]), 'reason': str(reason[r])}
     if decision[r] == anomaly.REJECT and config.qa.heatmaps:
       entry['heatmap'] = os.path.join('heatmaps', f'{k:06d}.png')
@@ -289,7 +315,8 @@ def run_qa(config, workdir: str, input_path: str, checkpoint=None, *,
   by_reason = {str(k): int(v) for k, v in zip(*np.unique(reason[decision == anomaly.REJECT],
                                                         return_counts=True))}
   summary = {'n': n, 'rejected': int(np.sum(decision == anomaly.REJECT)), 'by_reason': by_reason,
-             'threshold': threshold, 'score': 'fused' if fused else f'sigma={config.qa.sigma:g}',
+             'threshold': threshold,
+             'score': f'sigma={config.qa.sigma:g}' if decision_score == 'sigma' else decision_score,
              'num_draws': detector.num_draws, 'checkpoint_step': detector.step,
              'inputs_per_second': round(n / max(seconds, 1e-9), 2) if not resumed else None,
              'resumed_batches': resumed}
