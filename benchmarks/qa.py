@@ -65,24 +65,40 @@ def digits_split(split: str) -> np.ndarray:
   return (images.astype(np.float32) / (datasets.DIGITS_NUM_LEVELS - 1))[..., None]
 
 
+def checkerboard(clean: np.ndarray, amplitude: float) -> np.ndarray:
+  """± ``amplitude`` alternating over pixels (every channel): a decoder's checkerboard artefact."""
+  h, w = clean.shape[1:3]
+  return clean + np.where((np.arange(h)[:, None] + np.arange(w)[None]) % 2 == 0, amplitude,
+                          -amplitude)[None, ..., None]
+
+
+def half_mask(clean: np.ndarray) -> np.ndarray:
+  """The lower half set to 0 (black pixels; the mean of standardised latents)."""
+  half = clean.copy()
+  half[:, clean.shape[1] // 2:] = 0.
+  return half
+
+
+def tile_patch(clean: np.ndarray) -> np.ndarray:
+  """The right half filled by repeating the top-left 2x2 tile (a mode-collapse patch)."""
+  h, w = clean.shape[1:3]
+  tiled = clean.copy()
+  tiled[:, :, w // 2:] = np.tile(clean[:, :2, :2], (1, h // 2, w // 4, 1))
+  return tiled
+
+
 def corruptions(clean: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
   n, h, w, _ = clean.shape
-  out = {}
-  board = np.where((np.arange(h)[:, None] + np.arange(w)[None]) % 2 == 0, 0.15, -0.15)[None, ..., None]
-  out['checkerboard'] = clean + board
+  out = {'checkerboard': checkerboard(clean, 0.15)}
   collapsed = clean.copy()
   for i in range(n):
     r, c = rng.integers(0, h - 3), rng.integers(0, w - 3)
     collapsed[i, r:r + 4, c:c + 4] = collapsed[i, r:r + 4, c:c + 4].mean()
   out['collapsed'] = collapsed
-  half = clean.copy()
-  half[:, h // 2:] = 0.
-  out['half_mask'] = half
+  out['half_mask'] = half_mask(clean)
   for name, s in NOISE_LEVELS.items():
     out[name] = clean + s * rng.standard_normal(clean.shape)
-  tiled = clean.copy()
-  tiled[:, :, w // 2:] = np.tile(clean[:, :2, :2], (1, h // 2, w // 4, 1))
-  out['tile_patch'] = tiled
+  out['tile_patch'] = tile_patch(clean)
   nan = clean.copy()
   for i in range(n):
     idx = rng.choice(h * w, 3, replace=False)
@@ -213,14 +229,49 @@ def throughput(batch: int, sigmas: tuple[float, ...], calls: int = 2, show: bool
   return out
 
 
-def main():
+def detector_config(data_path: str, n_iters: int, holdout: float, unit_weighting: bool = True,
+                    num_channels: int = 1):
+  """configs/qa/digits.py on 8x8 arrays at ``data_path`` (``holdout`` of them held out for calibration),
+  trained ``n_iters`` steps, snapshot at the end, locked."""
+  from configs.qa import digits  # pylint: disable=import-outside-toplevel
+  config = digits.get_config()
+  config.data.dataset = 'arrays'
+  config.data.path = data_path
+  config.data.num_channels = num_channels
+  config.data.holdout_fraction = holdout
+  config.training.n_iters = n_iters
+  config.training.snapshot_freq = n_iters
+  config.training.snapshot_freq_for_preemption = min(500, n_iters)
+  config.training.eval_freq = min(250, n_iters)
+  config.training.dsm_unit_weighting = unit_weighting
+  config.lock()
+  return config
+
+
+def run_qa_on_sets(config, workdir: str, sets: dict[str, np.ndarray], input_dir: str) -> tuple[dict, float]:
+  """Saves each set as ``input_dir/<name>.npy`` and runs ``--mode=qa`` on the folder: (report, seconds)."""
+  os.makedirs(input_dir, exist_ok=True)
+  for name, x in sets.items():
+    np.save(os.path.join(input_dir, f'{name}.npy'), x)
+  started = time.time()
+  report = run_lib.qa_check(config, workdir, input_dir)
+  return report, time.time() - started
+
+
+def common_flags(workdir: str, n_iters: int) -> argparse.ArgumentParser:
+  """The flags this benchmark shares with benchmarks/qa_latent.py."""
   parser = argparse.ArgumentParser()
-  parser.add_argument('--workdir', default='/tmp/qa_bench')
-  parser.add_argument('--n_iters', type=int, default=2000)
-  parser.add_argument('--holdout', type=float, default=0.2)
-  parser.add_argument('--unit_weighting', type=int, default=1)
+  parser.add_argument('--workdir', default=workdir)
+  parser.add_argument('--n_iters', type=int, default=n_iters, help='detector training steps')
+  parser.add_argument('--holdout', type=float, default=0.2, help='fraction held out for calibration')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--figure', default='', help='also write the heatmap figure here (e.g. assets/...)')
+  return parser
+
+
+def main():
+  parser = common_flags('/tmp/qa_bench', 2000)
+  parser.add_argument('--unit_weighting', type=int, default=1)
   parser.add_argument('--figure_only', action='store_true', help='only (re)make --figure from --workdir')
   parser.add_argument('--reuse', action='store_true', help='keep the detector trained in --workdir')
   parser.add_argument('--likelihood_workdir', default='', help='a generative digits checkpoint\'s workdir')
@@ -235,22 +286,11 @@ def main():
   if args.figure_only:
     make_figure(args.workdir, args.figure)
     return
-  from configs.qa import digits  # pylint: disable=import-outside-toplevel
-
   os.makedirs(args.workdir, exist_ok=True)
   train = digits_split('train')
   data_path = os.path.join(args.workdir, 'digits_train.npy')
   np.save(data_path, train)
-  config = digits.get_config()
-  config.data.dataset = 'arrays'
-  config.data.path = data_path
-  config.data.holdout_fraction = args.holdout
-  config.training.n_iters = args.n_iters
-  config.training.snapshot_freq = args.n_iters
-  config.training.snapshot_freq_for_preemption = min(500, args.n_iters)
-  config.training.eval_freq = min(250, args.n_iters)
-  config.training.dsm_unit_weighting = bool(args.unit_weighting)
-  config.lock()
+  config = detector_config(data_path, args.n_iters, args.holdout, bool(args.unit_weighting))
 
   started = time.time()
   workdir = os.path.join(args.workdir, 'detector')
@@ -265,13 +305,7 @@ def main():
   rng = np.random.default_rng(args.seed)
   test = digits_split('test')
   sets = {'clean': test, **corruptions(test, rng)}
-  input_dir = os.path.join(args.workdir, 'inputs')
-  os.makedirs(input_dir, exist_ok=True)
-  for name, x in sets.items():
-    np.save(os.path.join(input_dir, f'{name}.npy'), x)
-  started = time.time()
-  report = run_lib.qa_check(config, workdir, input_dir)
-  qa_seconds = time.time() - started
+  report, qa_seconds = run_qa_on_sets(config, workdir, sets, os.path.join(args.workdir, 'inputs'))
 
   rows = report['inputs']
   inf = float('inf')

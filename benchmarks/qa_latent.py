@@ -41,7 +41,6 @@ the decoded clean and corrupted latent (NaN elements are set to 0, the mean late
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -57,7 +56,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
-from benchmarks.qa import auroc, digits_split, pixel_z_score, rate_with_error
+from benchmarks.qa import auroc, checkerboard, common_flags, detector_config, digits_split, half_mask, pixel_z_score
+from benchmarks.qa import rate_with_error, run_qa_on_sets, tile_patch
 from scoresde import anomaly
 from scoresde import datasets
 from scoresde import run_lib
@@ -201,19 +201,13 @@ def unstandardise(z: np.ndarray, scale: dict[str, Any]) -> np.ndarray:
 def latent_corruptions(clean: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
   """The corrupted copies of standardised latents ``clean`` (N, H, W, C) named in the docstring."""
   n, h, w, c = clean.shape
-  out = {}
-  board = np.where((np.arange(h)[:, None] + np.arange(w)[None]) % 2 == 0, 0.3, -0.3)[None, ..., None]
-  out['checkerboard'] = clean + board
+  out = {'checkerboard': checkerboard(clean, 0.3)}
   collapsed = clean.copy()
   for i in range(n):
     collapsed[i, ..., i % c] = collapsed[i, ..., i % c].mean()
   out['collapsed'] = collapsed
-  half = clean.copy()
-  half[:, h // 2:] = 0.  # the mean train latent, after standardisation
-  out['half_mask'] = half
-  tiled = clean.copy()
-  tiled[:, :, w // 2:] = np.tile(clean[:, :2, :2], (1, h // 2, w // 4, 1))
-  out['tile_patch'] = tiled
+  out['half_mask'] = half_mask(clean)  # 0: the mean train latent, after standardisation
+  out['tile_patch'] = tile_patch(clean)
   nan = clean.copy()
   for i in range(n):
     nan[i].reshape(-1)[rng.choice(h * w * c, 3, replace=False)] = np.nan
@@ -333,31 +327,9 @@ def make_figure(report_dir: str, sets: dict[str, np.ndarray], params: Params, sc
 # Main
 
 
-def detector_config(data_path: str, n_iters: int, holdout: float):
-  """configs/qa/digits.py on 8x8x4 standardised latents given as arrays (benchmarks/qa.py's schedule)."""
-  from configs.qa import digits  # pylint: disable=import-outside-toplevel
-  config = digits.get_config()
-  config.data.dataset = 'arrays'
-  config.data.path = data_path
-  config.data.num_channels = LATENT_CHANNELS
-  config.data.image_size = 8
-  config.data.holdout_fraction = holdout
-  config.training.n_iters = n_iters
-  config.training.snapshot_freq = n_iters
-  config.training.snapshot_freq_for_preemption = min(500, n_iters)
-  config.training.eval_freq = min(250, n_iters)
-  config.lock()
-  return config
-
-
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--workdir', default='/tmp/qa_latent')
-  parser.add_argument('--ae_steps', type=int, default=2000)
-  parser.add_argument('--n_iters', type=int, default=1000)
-  parser.add_argument('--holdout', type=float, default=0.2)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--figure', default='', help='also write the heatmap figure here (e.g. assets/...)')
+  parser = common_flags('/tmp/qa_latent', 1000)
+  parser.add_argument('--ae_steps', type=int, default=2000, help='autoencoder training steps')
   args = parser.parse_args()
   os.makedirs(args.workdir, exist_ok=True)
 
@@ -369,7 +341,7 @@ def main():
   data_path = os.path.join(args.workdir, 'latents_train.npy')
   np.save(data_path, train)
 
-  config = detector_config(data_path, args.n_iters, args.holdout)
+  config = detector_config(data_path, args.n_iters, args.holdout, num_channels=LATENT_CHANNELS)
   workdir = os.path.join(args.workdir, 'detector')
   started = time.time()
   run_lib.train(config, workdir)
@@ -377,13 +349,7 @@ def main():
 
   test = standardise(encode(params, test_images), scale)
   sets = {'clean': test, **latent_corruptions(test, np.random.default_rng(args.seed))}
-  input_dir = os.path.join(args.workdir, 'inputs')
-  os.makedirs(input_dir, exist_ok=True)
-  for name, x in sets.items():
-    np.save(os.path.join(input_dir, f'{name}.npy'), x)
-  started = time.time()
-  report = run_lib.qa_check(config, workdir, input_dir)
-  qa_seconds = time.time() - started
+  report, qa_seconds = run_qa_on_sets(config, workdir, sets, os.path.join(args.workdir, 'inputs'))
 
   scores = scores_by_set(report, list(sets))
   # Latent z baseline, calibrated on the same held-out latents as the detector.
