@@ -12,7 +12,7 @@ noise-to-signal ratio u = log(σ(t)/a(t)); mean/max NFE and the bits/dim error a
 Part 3 (``--part=solvers``): fewer evaluations from the solver and tolerance. ``likelihood.get_log_likelihood_fn``
 (the library's solve: per-example adaptive steps, one Rademacher probe, eps = 1e-5) with each adaptive
 solver of ``ode_solvers.SOLVERS`` at rtol = atol ∈ {1e-5, 1e-4, 1e-3}: mean/max NFE, wall time of the
-batch, and the max bits/dim error against Dopri8 at 1e-8 (mixture) / 1e-7 (network), same probes. On the
+batch, and the max bits/dim error against Dopri8 at 1e-8 (mixture) / 1e-6 (network), same probes. On the
 64-D mixture (exact score) under VP, sub-VP and VE, and, with ``--workdir`` (a digits checkpoint of
 ``--digits_config``, e.g. ``make demo``'s runs/digits_ve), on 32 uniformly dequantized test digits through
 the trained network.
@@ -51,6 +51,7 @@ flags.DEFINE_enum('part', 'both', ['eval', 'time', 'solvers', 'both'],
                   'Which measurement to run (both: eval and time).')
 flags.DEFINE_string('workdir', '', 'Part 3: a trained digits workdir (e.g. runs/digits_ve).')
 flags.DEFINE_string('digits_config', 've.digits_ncsnpp_continuous', 'Part 3: configs.<this> of --workdir.')
+flags.DEFINE_bool('mixture', True, 'Part 3: include the 64-D mixture rows.')
 flags.DEFINE_string('config', 'vp.cifar10_ddpmpp_continuous', 'configs.<this> for part 1.')
 flags.DEFINE_integer('nf', 32, 'model.nf for part 1.')
 flags.DEFINE_integer('batch', 4, 'Batch of part 1.')
@@ -174,7 +175,7 @@ def solvers() -> None:
   print('| data | solver | rtol = atol | NFE mean | NFE max | seconds | max bits/dim error |\n'
         '|---|---|---|---|---|---|---|')
   for name, sde in (('VP', sde_lib.VPSDE(0.1, 20., 1000)), ('sub-VP', sde_lib.subVPSDE(0.1, 20., 1000)),
-                    ('VE', sde_lib.VESDE(0.01, 50., 1000))):
+                    ('VE', sde_lib.VESDE(0.01, 50., 1000))) if FLAGS.mixture else ():
     data = gaussian_mixture.default_mixture(64, separation=1., std=0.3)
     x = data.sample(jax.random.PRNGKey(0), 16)
     _solver_rows(f'64-D mixture, {name}, exact score', sde, gaussian_mixture.isotropic_score_fn(sde, data), x, 1e-8)
@@ -186,7 +187,9 @@ def solvers() -> None:
     levels = np.asarray(datasets._digits_raw()[datasets.digits_split_indices('test')][:32])  # pylint: disable=protected-access
     u = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), levels.shape))
     x = datasets.get_data_scaler(config)(((levels + u) / datasets.DIGITS_NUM_LEVELS)[..., None].astype(np.float32))
-    _solver_rows(f'digits NCSN++ (step {step}), 32 test digits', sde, score_fn, jnp.asarray(x), 1e-7)
+    # Not tighter: the float32 network's rounding keeps an error estimate from falling much below 1e-6,
+    # and a solve at 1e-7 runs into its step limit.
+    _solver_rows(f'digits NCSN++ (step {step}), 32 test digits', sde, score_fn, jnp.asarray(x), 1e-6)
 
 
 def main(argv):

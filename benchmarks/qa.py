@@ -249,7 +249,10 @@ def detector_config(data_path: str, n_iters: int, holdout: float, unit_weighting
 
 
 def run_qa_on_sets(config, workdir: str, sets: dict[str, np.ndarray], input_dir: str) -> tuple[dict, float]:
-  """Saves each set as ``input_dir/<name>.npy`` and runs ``--mode=qa`` on the folder: (report, seconds)."""
+  """Saves each set as ``input_dir/<name>.npy`` and runs ``--mode=qa`` on the folder: (report, seconds).
+  A previous run's QA results for the folder are deleted first: they are this script's own, and the
+  fresh files (new modification times) would not match their settings."""
+  shutil.rmtree(os.path.join(workdir, 'qa', os.path.basename(os.path.normpath(input_dir))), ignore_errors=True)
   os.makedirs(input_dir, exist_ok=True)
   for name, x in sets.items():
     np.save(os.path.join(input_dir, f'{name}.npy'), x)
@@ -296,7 +299,6 @@ def main():
   workdir = os.path.join(args.workdir, 'detector')
   if args.reuse:
     run_lib.qa_calibrate(config, workdir)
-    shutil.rmtree(os.path.join(workdir, 'qa', 'inputs'), ignore_errors=True)  # this script's own outputs
   else:
     run_lib.train(config, workdir)
   train_seconds = time.time() - started
