@@ -191,7 +191,8 @@ def solvers() -> None:
     sde = sde_lib.get_sde(config)
     variables, step = checkpointing.load_variables(config, FLAGS.workdir, ema=True)
     score_fn = mutils.network_score_fn(config, sde, mutils.create_model(config), variables)
-    levels = np.asarray(datasets._digits_raw()[datasets.digits_split_indices('test')][:32])  # pylint: disable=protected-access
+    test = datasets.digits_split_indices('test')[:32]
+    levels = np.asarray(datasets._digits_raw()[test])  # pylint: disable=protected-access
     u = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), levels.shape))
     x = datasets.get_data_scaler(config)(((levels + u) / datasets.DIGITS_NUM_LEVELS)[..., None].astype(np.float32))
     # Not tighter: the float32 network's rounding keeps an error estimate from falling much below 1e-6,

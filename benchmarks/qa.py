@@ -23,7 +23,7 @@ train split, sd floored at 0.05) thresholded at the same percentile of the same 
 Non-finite inputs score +inf under every detector (all flag them).
 
 With ``--likelihood_workdir`` (a generative digits checkpoint, e.g. ``make demo``'s runs/digits_ve, of
-``--likelihood_config``), the exact-likelihood detector joins as a baseline on the first
+``configs.<--likelihood_config>``), the exact-likelihood detector joins as a baseline on the first
 ``--likelihood_n`` inputs of each set: the bits/dim of the model's continuous density at the input itself
 (probability-flow ODE, ``likelihood.get_log_likelihood_fn`` with the config's eval settings; no
 dequantization, since corrupted inputs are off the grid), AUROC only: one-sided (high bits/dim is
@@ -167,18 +167,15 @@ def make_figure(workdir: str, out_path: str) -> None:
   print(f'figure: {out_path} ({len(panels)} rejects)')
 
 
-def likelihood_bits(sets: dict[str, np.ndarray], config_path: str, workdir: str, n: int,
+def likelihood_bits(sets: dict[str, np.ndarray], config_name: str, workdir: str, n: int,
                     seed: int) -> dict[str, np.ndarray]:
   """Per set, the first ``n`` inputs' bits/dim of the generative checkpoint's continuous density
   (+inf for non-finite inputs), and the mean of ``n`` train images' under 'train'."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
+  import importlib  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from scoresde import checkpointing, likelihood, sde_lib  # pylint: disable=import-outside-toplevel
   from scoresde.models import utils as mutils  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location('likelihood_config', config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)  # a config of this repository, named by the user running the benchmark
-  config = module.get_config()
+  config = importlib.import_module(f'configs.{config_name}').get_config()  # one of this repository's
   sde = sde_lib.get_sde(config)
   variables, _ = checkpointing.load_variables(config, workdir, ema=True)
   score_fn = mutils.network_score_fn(config, sde, mutils.create_model(config), variables)
@@ -188,7 +185,8 @@ def likelihood_bits(sets: dict[str, np.ndarray], config_path: str, workdir: str,
   scaler = datasets.get_data_scaler(config)
   rng = jax.random.PRNGKey(seed)
   out = {}
-  for name, x in {**sets, 'train': digits_split('train')[:: max(1, 1497 // n)][:n]}.items():
+  train = digits_split('train')
+  for name, x in {**sets, 'train': train[:: max(1, len(train) // n)][:n]}.items():
     x = x[:n]
     finite = np.all(np.isfinite(x.reshape(len(x), -1)), axis=1)
     started = time.time()
@@ -278,7 +276,8 @@ def main():
   parser.add_argument('--figure_only', action='store_true', help='only (re)make --figure from --workdir')
   parser.add_argument('--reuse', action='store_true', help='keep the detector trained in --workdir')
   parser.add_argument('--likelihood_workdir', default='', help='a generative digits checkpoint\'s workdir')
-  parser.add_argument('--likelihood_config', default='configs/ve/digits_ncsnpp_continuous.py')
+  parser.add_argument('--likelihood_config', default='ve.digits_ncsnpp_continuous',
+                      help='configs.<this> of --likelihood_workdir')
   parser.add_argument('--likelihood_n', type=int, default=100, help='inputs per set for the likelihood')
   parser.add_argument('--throughput', type=int, default=0,
                       help='only measure --mode=qa throughput at 64x64x4 with this many inputs per batch')
@@ -359,13 +358,14 @@ def main():
 
   out = {'results': results, 'calibration': json.loads(calibration.to_json()),
          'n_iters': args.n_iters, 'unit_weighting': bool(args.unit_weighting), 'holdout': args.holdout,
-         'train_seconds': round(train_seconds, 1), 'qa_seconds': round(qa_seconds, 1),
+         'reused': args.reuse, 'train_seconds': round(train_seconds, 1), 'qa_seconds': round(qa_seconds, 1),
          'qa_inputs_per_second': report['summary']['inputs_per_second'], 'summary': report['summary'],
          'likelihood_n': args.likelihood_n if bits else 0}
   with open(os.path.join(args.workdir, 'results.json'), 'w', encoding='utf-8') as f:
     json.dump(out, f, indent=2)
 
-  print(f'detector: {args.n_iters} steps ({train_seconds:.0f} s), calibrated on {calibration.num_examples} '
+  how = 'reused, recalibrated in ' if args.reuse else ''  # train_seconds is then the calibration's
+  print(f'detector: {args.n_iters} steps ({how}{train_seconds:.0f} s), calibrated on {calibration.num_examples} '
         f'held-out clean images, threshold {calibration.threshold:.4g} (sigma={calibration.sigma}, '
         f'K={calibration.num_draws}); qa of {len(rows)} inputs in {qa_seconds:.0f} s')
   likelihood = bool(bits)

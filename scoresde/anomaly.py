@@ -307,10 +307,14 @@ def load_calibration(path: str) -> Calibration:
   with open(path, encoding='utf-8') as f:
     fields = json.load(f)
   known = {f.name for f in dataclasses.fields(Calibration)}
-  if not isinstance(fields, dict) or set(fields) - known:
-    unknown = sorted(set(fields) - known) if isinstance(fields, dict) else type(fields).__name__
-    raise ValueError(f'{path} is not a QA calibration written by this version (unexpected: {unknown}); '
-                     're-run --mode=qa_calibrate.')
+  required = {f.name for f in dataclasses.fields(Calibration)
+              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+  problem = ('not a JSON object' if not isinstance(fields, dict) else
+             f'unexpected fields {sorted(set(fields) - known)}' if set(fields) - known else
+             f'missing fields {sorted(required - set(fields))}' if required - set(fields) else '')
+  if problem:
+    raise ValueError(f'{path} is not a QA calibration written by this version ({problem}); re-run '
+                     '--mode=qa_calibrate.')
   return Calibration(**fields)
 
 

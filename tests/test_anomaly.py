@@ -223,6 +223,14 @@ def test_threshold_and_calibration_json(tmp_path):
     json.dump({**json.loads(cal.to_json()), 'exec': 'x'}, f)
   with pytest.raises(ValueError, match='exec'):
     anomaly.load_calibration(path)
+  with open(path, 'w') as f:
+    json.dump({'threshold': 1.}, f)
+  with pytest.raises(ValueError, match="missing fields .*'config_hash'"):
+    anomaly.load_calibration(path)
+  with open(path, 'w') as f:
+    json.dump([1, 2], f)
+  with pytest.raises(ValueError, match='not a JSON object'):
+    anomaly.load_calibration(path)
   with pytest.raises(ValueError, match='not among'):
     anomaly.calibrate(multi, [0.01, 0.05], 0.1, 99.5, 8, 'abc')
 

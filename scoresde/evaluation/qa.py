@@ -3,16 +3,17 @@
 - ``calibrate(config, workdir)``: the DSM residuals of the held-out clean split
   (``config.qa.calibration_split``) at ``config.qa.sigmas`` → ``workdir/qa_calibration.json``: the
   threshold at ``config.qa.percentile`` for the single-σ score (``qa.sigma``), the fused multi-σ score
-  and the two-sided profile score (``anomaly.profile_score``), with the detector's config hash, σ, K, the checkpoint's step and the calibration set's size.
+  and the two-sided profile score (``anomaly.profile_score``), with the detector's config hash, σ, K,
+  the checkpoint's step and the calibration set's size.
   ``run_lib.train`` calls it at the end of training when ``config.qa.calibrate_after_training``.
 - ``run_qa(config, workdir, input_path)``: the residuals of every example of a .npy/.npz file or a folder
   of them (``datasets.read_arrays``; values in the training data's space: [0, 1] images or raw arrays),
   decided by ``config.qa.score`` against that calibration. Writes ``workdir/qa/<input>/``: ``report.json``
   (per input: id, score, its standard error, per-channel scores, fused and profile scores, the threshold
-  and score decided on, decision, reason; and a
-  summary), ``heatmaps/<k>.png`` for every reject (each channel of the input above its residual map,
-  one colour scale per input so the failed channel stands out), and ``b<j>.npz`` per batch, kept so that
-  a preempted run resumes at the next batch (``infra.resumable``). Batches of ``config.eval.batch_size``
+  and score decided on, decision, reason; and a summary), ``heatmaps/<k>.png`` for every reject (each
+  channel of the input above its residual map, one colour scale per input so the failed channel stands
+  out), and ``b<j>.npz`` per batch, kept so that a preempted run resumes at the next batch
+  (``infra.resumable``). Batches of ``config.eval.batch_size``
   inputs are sharded over every device; each input's noise comes from its position, so its score does
   not depend on the batching.
 """
