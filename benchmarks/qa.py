@@ -41,6 +41,7 @@ Writes ``--workdir/results.json`` and prints the table. ``--reuse`` keeps a dete
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -228,11 +229,10 @@ def throughput(batch: int, sigmas: tuple[float, ...], calls: int = 2, show: bool
 
 
 def detector_config(data_path: str, n_iters: int, holdout: float, unit_weighting: bool = True,
-                    num_channels: int = 1):
-  """configs/qa/digits.py on 8x8 arrays at ``data_path`` (``holdout`` of them held out for calibration),
-  trained ``n_iters`` steps, snapshot at the end, locked."""
-  from configs.qa import digits  # pylint: disable=import-outside-toplevel
-  config = digits.get_config()
+                    num_channels: int = 1, name: str = 'qa.digits'):
+  """configs.<name> (default configs/qa/digits.py) on 8x8 arrays at ``data_path`` (``holdout`` of them
+  held out for calibration), trained ``n_iters`` steps, snapshot at the end, locked."""
+  config = importlib.import_module(f'configs.{name}').get_config()
   config.data.dataset = 'arrays'
   config.data.path = data_path
   config.data.num_channels = num_channels
@@ -241,7 +241,8 @@ def detector_config(data_path: str, n_iters: int, holdout: float, unit_weighting
   config.training.snapshot_freq = n_iters
   config.training.snapshot_freq_for_preemption = min(500, n_iters)
   config.training.eval_freq = min(250, n_iters)
-  config.training.dsm_unit_weighting = unit_weighting
+  if 'dsm_sigmas' in config.training and config.training.dsm_sigmas:  # only a few-level detector has it
+    config.training.dsm_unit_weighting = unit_weighting
   config.lock()
   return config
 
@@ -273,6 +274,8 @@ def common_flags(workdir: str, n_iters: int) -> argparse.ArgumentParser:
 def main():
   parser = common_flags('/tmp/qa_bench', 2000)
   parser.add_argument('--unit_weighting', type=int, default=1)
+  parser.add_argument('--detector', default='qa.digits',
+                      help='configs.<this>: the detector (qa.digits_generative: the demo\'s generative model)')
   parser.add_argument('--figure_only', action='store_true', help='only (re)make --figure from --workdir')
   parser.add_argument('--reuse', action='store_true', help='keep the detector trained in --workdir')
   parser.add_argument('--likelihood_workdir', default='', help='a generative digits checkpoint\'s workdir')
@@ -292,7 +295,8 @@ def main():
   train = digits_split('train')
   data_path = os.path.join(args.workdir, 'digits_train.npy')
   np.save(data_path, train)
-  config = detector_config(data_path, args.n_iters, args.holdout, bool(args.unit_weighting))
+  config = detector_config(data_path, args.n_iters, args.holdout, bool(args.unit_weighting),
+                           name=args.detector)
 
   started = time.time()
   workdir = os.path.join(args.workdir, 'detector')
@@ -317,7 +321,8 @@ def main():
     by_set[name]['single'].append(inf if r['score'] is None else r['score'])
     by_set[name]['fused'].append(inf if r['fused_score'] is None else r['fused_score'])
     by_set[name]['profile'].append(inf if r['profile_score'] is None else r['profile_score'])
-    by_set[name]['reject'].append(r['decision'] == 'reject')
+    # The single-σ column is that score at its threshold, whatever config.qa.score decided on.
+    by_set[name]['reject'].append(r['score'] is None or r['score'] > calibration.threshold)
     by_set[name]['reject_fused'].append(by_set[name]['fused'][-1] > calibration.fused_threshold)
     by_set[name]['reject_profile'].append(by_set[name]['profile'][-1] > calibration.profile_threshold)
   bits = {}
@@ -357,7 +362,7 @@ def main():
     results[name] = entry
 
   out = {'results': results, 'calibration': json.loads(calibration.to_json()),
-         'n_iters': args.n_iters, 'unit_weighting': bool(args.unit_weighting), 'holdout': args.holdout,
+         'n_iters': args.n_iters, 'detector': args.detector, 'unit_weighting': bool(args.unit_weighting), 'holdout': args.holdout,
          'reused': args.reuse, 'train_seconds': round(train_seconds, 1), 'qa_seconds': round(qa_seconds, 1),
          'qa_inputs_per_second': report['summary']['inputs_per_second'], 'summary': report['summary'],
          'likelihood_n': args.likelihood_n if bits else 0}
@@ -365,7 +370,7 @@ def main():
     json.dump(out, f, indent=2)
 
   how = 'reused, recalibrated in ' if args.reuse else ''  # train_seconds is then the calibration's
-  print(f'detector: {args.n_iters} steps ({how}{train_seconds:.0f} s), calibrated on {calibration.num_examples} '
+  print(f'detector configs.{args.detector}: {args.n_iters} steps ({how}{train_seconds:.0f} s), calibrated on {calibration.num_examples} '
         f'held-out clean images, threshold {calibration.threshold:.4g} (sigma={calibration.sigma}, '
         f'K={calibration.num_draws}); qa of {len(rows)} inputs in {qa_seconds:.0f} s')
   likelihood = bool(bits)

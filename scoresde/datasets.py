@@ -511,6 +511,22 @@ def to_unit_interval(images: np.ndarray, num_levels: int, noise: np.ndarray | No
   return np.minimum(out, np.nextafter(upper, np.float32(0)))
 
 
+def samples_to_levels(config, samples: np.ndarray) -> np.ndarray:
+  """Generated images in [0, 1] -> the values the data take, before they are compared with data or saved.
+
+  A model trained on uniformly dequantized data, ``(x + u) / L``, generates values spread over each
+  level's cell ``[x/L, (x+1)/L)``; the inverse of that map is ``floor(L s) / (L-1)``. Without it its
+  samples are shrunk towards grey against the data ``x / (L-1)`` the metrics compare them with (by up to
+  half a level at the ends: 0.03 for the 17 digit levels), which inflates their FID. Samples of a model
+  trained on the grid itself pass unchanged (``images.to_uint8`` rounds them), as do toy points.
+  """
+  if dataset_name(config) in TOY_DATASETS or not config.data.uniform_dequantization:
+    return samples
+  levels = int(config.data.num_levels)
+  grid = np.clip(np.floor(np.asarray(samples, np.float64) * levels), 0, levels - 1)
+  return (grid / (levels - 1)).astype(np.float32)
+
+
 def _finish(images: np.ndarray, row_keys: Sequence[Sequence[int]], flip: bool, dequantize: bool,
             num_levels: int) -> np.ndarray:
   """Flips and dequantizes each row with its own generator (keyed by ``row_keys``), then scales.

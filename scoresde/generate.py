@@ -102,7 +102,10 @@ def generate(config, workdir: str, checkpoint: str | int | None = None, out_dir:
     # This process's rows are global rows [first, first + local) of the round; drop those past the end.
     first = r * batch_size + jax.process_index() * (batch_size // jax.process_count())
     samples = parallel.to_host(samples)[:max(num_samples - first, 0)]
-    samples = samples.astype(np.float32) if toy else images.to_uint8(samples)
+    if toy:
+      samples = samples.astype(np.float32)
+    else:
+      samples = images.to_uint8(datasets.samples_to_levels(config, samples))
     # Each process writes its own rows (one file per round and process on multi-host runs).
     suffix = f'_process_{jax.process_index()}' if jax.process_count() > 1 else ''
     np.savez_compressed(os.path.join(out_dir, f'samples_{r}{suffix}.npz'), samples=samples)
@@ -255,7 +258,7 @@ def _generate_conditional(config, workdir: str, sde, score_fn, shape: tuple[int,
   for r in tqdm.trange(rounds, desc=f'{condition} rounds', unit='round'):
     rows = np.arange(r * batch_size, (r + 1) * batch_size)
     samples, nfe = draw(r, rows)
-    samples = parallel.to_host(samples)
+    samples = datasets.samples_to_levels(config, parallel.to_host(samples))
     kept.append(samples)
     np.savez_compressed(os.path.join(out_dir, f'conditional_{r}.npz'), samples=images.to_uint8(samples),
                         **{k: v[rows] if k != 'mask' else v for k, v in extra.items()})

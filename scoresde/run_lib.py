@@ -436,7 +436,8 @@ class _Snapshotter:
     samples, nfe = self._sampler(jax.random.fold_in(self._rng, step), score_fn)
     samples = parallel.gather(samples)
     if jax.process_index() == 0:
-      path = save_samples(samples, os.path.join(self._dir, f'iter_{step}'))
+      path = save_samples(datasets.samples_to_levels(self._config, samples),
+                          os.path.join(self._dir, f'iter_{step}'))
       logging.info('step %d: %d samples (%s score evaluations each) in %.1f s -> %s', step, len(samples),
                    nfe, time.time() - start, path)
 

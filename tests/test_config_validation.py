@@ -19,6 +19,12 @@ def test_shipped_configs_validate(name):
   run_lib.validate_config(_config(name), mode='eval')
 
 
+@pytest.mark.parametrize('name', ['qa/digits', 'qa/digits_generative'])
+def test_shipped_detector_configs_validate(name):
+  run_lib.validate_config(_config(name))
+  run_lib.validate_config(_config(name), mode='qa')
+
+
 def _set(config, key, value):
   group, name = key.split('.')
   config[group][name] = value

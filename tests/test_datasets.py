@@ -203,6 +203,23 @@ def test_to_unit_interval_never_reaches_the_next_level():
   np.testing.assert_array_equal(datasets.to_unit_interval(np.array([0, 255], np.uint8), 256), [0., 1.])
 
 
+@pytest.mark.parametrize('levels', [17, 256])
+def test_samples_to_levels_undoes_uniform_dequantization(levels):
+  """Dequantized data mapped back give exactly the grid data; samples past [0, 1] clip to the end levels;
+  a model trained on the grid (or toy points) keeps its samples as they are."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, levels, size=(64, 4, 4, 1))
+  dequantized = datasets.to_unit_interval(x, levels, rng.uniform(size=x.shape))
+  config = make_config(num_levels=levels, uniform_dequantization=True)
+  np.testing.assert_array_equal(datasets.samples_to_levels(config, dequantized),
+                                datasets.to_unit_interval(x, levels))
+  np.testing.assert_array_equal(datasets.samples_to_levels(config, np.array([-0.2, 1.3])), [0., 1.])
+  on_grid = rng.uniform(size=(3, 4, 4, 1)).astype(np.float32)
+  assert datasets.samples_to_levels(make_config(num_levels=levels), on_grid) is on_grid
+  toy = make_config('gmm', uniform_dequantization=True)
+  np.testing.assert_array_equal(datasets.samples_to_levels(toy, on_grid[:, :, 0, 0]), on_grid[:, :, 0, 0])
+
+
 def test_eval_iterator_covers_every_example_once_with_mask():
   config = make_config(eval_batch_size=64)
   images, batches = eval_images(config)

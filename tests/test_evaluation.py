@@ -342,6 +342,25 @@ def test_evaluate_samples_exact_count_report_and_resume(tmp_path, tiny_model, mo
                                   show_progress=False)
 
 
+def test_samples_of_a_dequantized_model_are_scored_on_the_data_levels(tmp_path, tiny_model):
+  """Trained on (x + u)/L, a model's samples are mapped back to x/(L-1) before FID sees them (and that is
+  part of the run's settings); a model trained on the grid keeps its samples' values."""
+  model, variables, sde = tiny_model
+  levels = {int(v) for v in np.round(np.arange(17) / 16 * 255)}
+  saved = {}
+  for dequantized in (False, True):
+    config = _eval_config(num_samples=4, batch_size=4)
+    config.data.uniform_dequantization = dequantized
+    sample_quality.evaluate_samples(config, str(tmp_path / str(dequantized)), 0, model, variables, sde,
+                                    show_progress=False)
+    saved[dequantized] = np.load(tmp_path / str(dequantized) / 'samples_ckpt_0' / 'samples_0.npz')['samples']
+  assert set(np.unique(saved[True]).tolist()) <= levels
+  assert not set(np.unique(saved[False]).tolist()) <= levels
+  with pytest.raises(ValueError, match='other settings.*to_levels'):
+    sample_quality.evaluate_samples(_eval_config(num_samples=4, batch_size=4), str(tmp_path / 'True'), 0,
+                                    model, variables, sde, show_progress=False)
+
+
 _FOUR_DEVICE_SCRIPT = """
 import os, sys
 import jax, numpy as np

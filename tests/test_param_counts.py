@@ -56,6 +56,7 @@ PARAM_COUNTS = {
     'vp/digits_ncsnpp_continuous': 748_737,
     'subvp/digits_ncsnpp_continuous': 748_737,
     'vp/digits_likelihood': 748_737,
+    've/digits_likelihood': 752_865,
     # DDPM (models/ddpm.py)
     've/cifar10_ddpm': 35_218_947,
     'vp/ddpm/cifar10': 35_218_947,
@@ -81,8 +82,9 @@ PARAM_COUNTS = {
     've/toy_gmm': 215_234,
     'vp/toy_gmm': 215_170,
     'subvp/toy_gmm': 215_170,
-    # Anomaly detectors (configs/qa; NCSN++ at discrete noise levels)
+    # Anomaly detectors (configs/qa; NCSN++ at discrete noise levels, or the demo's generative model)
     'qa/digits': 986_177,
+    'qa/digits_generative': 752_865,
     'qa/latents': 1_742_372,
 }
 

@@ -191,6 +191,8 @@ def sample_settings(config, extractor_name: str) -> dict[str, Any]:
       'batch_size': int(config.eval.batch_size),
       'seed': int(config.seed),
       'centered': bool(config.data.centered),
+      # Samples of a model trained on dequantized data are mapped back to the levels before they are saved.
+      'to_levels': bool(config.data.uniform_dequantization),
       'sde': str(config.training.sde),
       'sde_params': {k: config.model[k] for k in ('num_scales', 'sigma_min', 'sigma_max', 'beta_min',
                                                        'beta_max')},
@@ -226,7 +228,7 @@ def evaluate_samples(config, eval_dir: str, ckpt: int | str, model: nn.Module, v
   def compute(r: int) -> dict[str, np.ndarray]:
     samples, nfe = sampler(rng, score_fn, first_index=r * batch_size)
     keep = min(batch_size, num_samples - r * batch_size)  # rows of this round that enter the metrics
-    local = images.to_uint8(parallel.to_host(samples))
+    local = images.to_uint8(datasets.samples_to_levels(config, parallel.to_host(samples)))
     f, l = _local_features(extractor, local, feature_batch)
     kept = parallel.gather(local)[:keep]
     if jax.process_index() == 0:
