@@ -241,7 +241,7 @@ def detector_config(data_path: str, n_iters: int, holdout: float, unit_weighting
   config.training.snapshot_freq = n_iters
   config.training.snapshot_freq_for_preemption = min(500, n_iters)
   config.training.eval_freq = min(250, n_iters)
-  if 'dsm_sigmas' in config.training and config.training.dsm_sigmas:  # only a few-level detector has it
+  if config.training.dsm_sigmas:  # the weighting of a few-level detector; a generative one keeps σ²
     config.training.dsm_unit_weighting = unit_weighting
   config.lock()
   return config
@@ -362,7 +362,8 @@ def main():
     results[name] = entry
 
   out = {'results': results, 'calibration': json.loads(calibration.to_json()),
-         'n_iters': args.n_iters, 'detector': args.detector, 'unit_weighting': bool(args.unit_weighting), 'holdout': args.holdout,
+         'n_iters': args.n_iters, 'detector': args.detector, 'unit_weighting': bool(args.unit_weighting),
+         'holdout': args.holdout,
          'reused': args.reuse, 'train_seconds': round(train_seconds, 1), 'qa_seconds': round(qa_seconds, 1),
          'qa_inputs_per_second': report['summary']['inputs_per_second'], 'summary': report['summary'],
          'likelihood_n': args.likelihood_n if bits else 0}
@@ -370,8 +371,8 @@ def main():
     json.dump(out, f, indent=2)
 
   how = 'reused, recalibrated in ' if args.reuse else ''  # train_seconds is then the calibration's
-  print(f'detector configs.{args.detector}: {args.n_iters} steps ({how}{train_seconds:.0f} s), calibrated on {calibration.num_examples} '
-        f'held-out clean images, threshold {calibration.threshold:.4g} (sigma={calibration.sigma}, '
+  print(f'detector configs.{args.detector}: {args.n_iters} steps ({how}{train_seconds:.0f} s), calibrated on '
+        f'{calibration.num_examples} held-out clean images, threshold {calibration.threshold:.4g} (sigma={calibration.sigma}, '
         f'K={calibration.num_draws}); qa of {len(rows)} inputs in {qa_seconds:.0f} s')
   likelihood = bool(bits)
   header = ['input', 'AUROC σ=0.05', 'AUROC fused', 'AUROC profile', 'AUROC pixel z']
