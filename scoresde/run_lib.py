@@ -33,6 +33,7 @@ from scoresde.infra import images
 from scoresde import losses
 from scoresde.infra import parallel
 from scoresde.infra import resumable
+from scoresde.infra import xla_cpu
 from scoresde import sde_lib
 from scoresde.models import utils as mutils
 
@@ -282,7 +283,8 @@ def build_multi_step(config, sde: sde_lib.SDE, model, optimizer, mesh):
       return jax.lax.scan(train_step, state, xs)
   batches_sharding = parallel.batch_sharding(mesh, example_ndim + 2, axis=1)
   return jax.jit(multi_step, in_shardings=(replicated, batches_sharding),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0,
+                 compiler_options=xla_cpu.compiler_options('training'))
 
 
 def train(config, workdir: str, allow_config_change: bool = False) -> losses.TrainState:
@@ -473,7 +475,8 @@ def _jit_eval_loss(config, sde, model, mesh):
   """The eval loss, compiled with global (replicated) sums, readable on every process."""
   replicated = parallel.replicated(mesh)
   return jax.jit(losses.get_eval_loss_fn(config, sde, model),
-                 out_shardings=(replicated, replicated, parallel.batch_sharding(mesh)))
+                 out_shardings=(replicated, replicated, parallel.batch_sharding(mesh)),
+                 compiler_options=xla_cpu.compiler_options('inference'))
 
 
 def eval_loss_over_split(config, sde, model, variables, split: str = 'test',

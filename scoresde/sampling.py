@@ -24,6 +24,7 @@ couples the samples of a batch; ``langevin_per_sample=True`` removes the couplin
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Callable
 
 import diffrax
@@ -34,6 +35,7 @@ import numpy as np
 from scoresde import fast_samplers
 from scoresde import ode_solvers
 from scoresde.infra import parallel
+from scoresde.infra import xla_cpu
 from scoresde import sde_lib
 
 Array = jax.Array
@@ -436,7 +438,7 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
   base = ShardedSampler(sde, shape, inverse_scaler)
   timesteps = jnp.linspace(sde.T, eps, sde.N)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options('inference'))
   def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
     prior_keys, loop_keys = fold_in(keys, 0), fold_in(keys, 1)
@@ -519,7 +521,7 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method
                                    max_steps=int(max_steps))
     return solution.ys[-1], solution.stats['num_steps']
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options('inference'))
   def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
     x = base.initial(fold_in(keys, 0), z)
@@ -558,7 +560,7 @@ def get_fast_sampler(sde: sde_lib.SDE, shape, solver: fast_samplers.Solver,
   view = fast_samplers.EDMView(sde)
   scale_T = view.coeffs(sde.T)[0]
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options('inference'))
   def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
     x = base.initial(fold_in(keys, 0), z)
@@ -598,7 +600,7 @@ def get_ggf_sampler(sde: sde_lib.SDE, shape, *, atol: float, rtol: float, h_init
                      f'rtol={rtol}, h_init={h_init} (config.sampling.ggf_atol / ggf_rtol / ggf_h_init).')
   base = ShardedSampler(sde, shape, inverse_scaler)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options('inference'))
   def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
     x = base.initial(fold_in(keys, 0), z)

@@ -1,0 +1,196 @@
+"""Forward pass and training step on the CPU: XLA's defaults against ``infra/xla_cpu.py``'s options, and
+optionally against the PyTorch reference (score_sde_pytorch) on the same CPU, in one run.
+
+For each ``--configs`` entry at batch ``--batch`` (random init, random data of the config's shape):
+the network's forward pass as samplers call it (``model.apply`` jitted), the forward pass with one
+tangent (``jax.jvp`` with a Rademacher probe: the work of one likelihood evaluation), and the trainer's
+compiled step
+(``run_lib.build_multi_step``: loss, gradient, Adam, clipping, EMA), each compiled twice — with XLA's
+default CPU options (``SCORESDE_XLA_CPU_TUNING=0``) and with the options the library uses — then
+``--repeats`` calls of every variant interleaved, medians. Compile times are the first calls.
+
+``--reference_dir`` points at a checkout of github.com/yang-song/score_sde_pytorch: its models are built
+from its own config of the same name and timed the same way (``torch.set_num_threads(--threads)``, its
+``losses.get_step_fn`` with Adam and EMA for the step; ``no_grad`` forward in eval mode). Its CUDA-only
+``op`` extensions are not compiled: ``torch.utils.cpp_extension.load`` is replaced by a stub before
+import, and on the CPU the reference calls its native ``upfirdn2d`` anyway. torch is never a
+dependency of the library; this part is skipped without it.
+
+  .venv/bin/python benchmarks/cpu_flags.py
+  .venv/bin/python benchmarks/cpu_flags.py --reference_dir=/path/to/score_sde_pytorch
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from typing import Callable
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top
+from scoresde import datasets
+from scoresde import losses
+from scoresde import run_lib
+from scoresde import sde_lib
+from scoresde.infra import parallel
+from scoresde.infra import xla_cpu
+from scoresde.models import utils as mutils
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('configs', ['vp.cifar10_ddpmpp_continuous', 've.cifar10_ncsnpp_continuous'],
+                  'Config modules under configs/ (the reference has configs of the same names).')
+flags.DEFINE_integer('batch', 4, 'Batch size.')
+flags.DEFINE_integer('repeats', 5, 'Timed calls per variant (median).')
+flags.DEFINE_string('reference_dir', '', 'A score_sde_pytorch checkout to time beside ours (optional).')
+flags.DEFINE_integer('threads', 2, 'torch.set_num_threads for the reference.')
+
+Call = Callable[[], None]
+
+
+def _with_tuning(enabled: bool, build: Callable[[], object]):
+  """Builds (and so compiles, on first call) a program with the library's CPU options on or off."""
+  saved = os.environ.get(xla_cpu.ENV_SWITCH)
+  os.environ[xla_cpu.ENV_SWITCH] = '1' if enabled else '0'
+  try:
+    return build()
+  finally:
+    if saved is None:
+      del os.environ[xla_cpu.ENV_SWITCH]
+    else:
+      os.environ[xla_cpu.ENV_SWITCH] = saved
+
+
+def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
+  """Variant name -> (a timed call, its compile + first-call seconds)."""
+  config.training.batch_size = batch
+  config.training.n_jitted_steps = 1
+  mesh = parallel.data_mesh()
+  model, variables = mutils.init_model(jax.random.PRNGKey(0), config)
+  shape = (batch,) + tuple(datasets.data_shape(config))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(datasets.get_data_scaler(config)(rng.random(shape, dtype=np.float32)))
+  t = jnp.full((batch,), 0.5)
+  probe = jnp.sign(jax.random.normal(jax.random.PRNGKey(2), shape))  # a Rademacher probe
+  optimizer = losses.get_optimizer(config)
+  sde = sde_lib.get_sde(config)
+  data = parallel.shard_batch(mesh, np.asarray(x)[None], axis=1)
+  calls = {}
+  for enabled, label in ((False, 'XLA defaults'), (True, 'tuned')):
+    forward = _with_tuning(enabled, lambda: jax.jit(
+        lambda v: model.apply(v, x, t, train=False), compiler_options=xla_cpu.compiler_options('inference')))
+    tangent = _with_tuning(enabled, lambda: jax.jit(
+        lambda v: jax.jvp(lambda y: model.apply(v, y, t, train=False), (x,), (probe,)),
+        compiler_options=xla_cpu.compiler_options('inference')))
+    step = _with_tuning(enabled, lambda: run_lib.build_multi_step(config, sde, model, optimizer, mesh))
+    params = jax.tree.map(jnp.copy, variables['params'])  # each step donates its own state
+    holder = {'state': parallel.replicate(mesh, losses.init_train_state(jax.random.PRNGKey(1), params,
+                                                                        optimizer))}
+
+    def forward_call(f=forward):
+      jax.block_until_ready(f(variables))
+
+    def tangent_call(f=tangent):
+      jax.block_until_ready(f(variables))
+
+    def step_call(s=step, h=holder):
+      h['state'], metrics = s(h['state'], data)
+      jax.block_until_ready(metrics)
+    calls[f'forward, {label}'] = (forward_call, _seconds(forward_call))
+    calls[f'forward + tangent, {label}'] = (tangent_call, _seconds(tangent_call))
+    calls[f'training step, {label}'] = (step_call, _seconds(step_call))
+  return calls
+
+
+def reference(name: str, batch: int) -> dict[str, tuple[Call, float]]:
+  """The PyTorch reference's forward and step for its config ``name`` (empty without torch)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import torch.utils.cpp_extension as cpp_extension  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    print('torch is not installed: the reference is skipped')
+    return {}
+  torch.set_num_threads(FLAGS.threads)
+  cpp_extension.load = lambda *args, **kwargs: None  # the CUDA kernels; unused on the CPU
+  if FLAGS.reference_dir not in sys.path:
+    sys.path.insert(0, FLAGS.reference_dir)
+  for module in [m for m in sys.modules if m == 'configs' or m.startswith('configs.')]:
+    del sys.modules[module]  # ours and the reference's configs share the package name
+  ref_losses = importlib.import_module('losses')
+  ref_sde_lib = importlib.import_module('sde_lib')
+  ref_utils = importlib.import_module('models.utils')
+  for model_module in ('ncsnpp', 'ddpm', 'ncsnv2'):
+    importlib.import_module(f'models.{model_module}')  # registers the models
+  ema_cls = importlib.import_module('models.ema').ExponentialMovingAverage
+  config = importlib.import_module(f'configs.{name}').get_config()
+  sys.path.remove(FLAGS.reference_dir)
+  for module in [m for m in sys.modules if m == 'configs' or m.startswith('configs.')]:
+    del sys.modules[module]
+  config.device = torch.device('cpu')
+  torch.manual_seed(0)
+  model = ref_utils.create_model(config)
+  state = dict(optimizer=ref_losses.get_optimizer(config, model.parameters()), model=model,
+               ema=ema_cls(model.parameters(), decay=config.model.ema_rate), step=0)
+  if config.training.sde == 'vesde':
+    sde = ref_sde_lib.VESDE(config.model.sigma_min, config.model.sigma_max, config.model.num_scales)
+  else:
+    sde = ref_sde_lib.VPSDE(config.model.beta_min, config.model.beta_max, config.model.num_scales)
+  step_fn = ref_losses.get_step_fn(sde, train=True, optimize_fn=ref_losses.optimization_manager(config),
+                                   reduce_mean=config.training.reduce_mean,
+                                   continuous=config.training.continuous,
+                                   likelihood_weighting=config.training.likelihood_weighting)
+  score_fn = ref_utils.get_score_fn(sde, model, train=False, continuous=config.training.continuous)
+  x = torch.rand(batch, config.data.num_channels, config.data.image_size, config.data.image_size)
+  t = torch.full((batch,), 0.5)
+
+  def forward_call():
+    with torch.no_grad():
+      score_fn(x, t)
+
+  def step_call():
+    step_fn(state, x)
+  return {'forward, reference': (forward_call, _seconds(forward_call)),
+          'training step, reference': (step_call, _seconds(step_call))}
+
+
+def _seconds(call: Call) -> float:
+  start = time.perf_counter()
+  call()
+  return time.perf_counter() - start
+
+
+def main(argv):
+  del argv
+  load = os.getloadavg()[0]
+  print(f'# {os.cpu_count()} CPUs, jax {jax.__version__}, batch {FLAGS.batch}, load {load:.1f} at start, '
+        f'{time.strftime("%Y-%m-%d")}')
+  print('| config | variant | compile + 1st call (s) | median (s) | / XLA defaults | / reference |')
+  print('|---|---|---|---|---|---|')
+  for name in FLAGS.configs:
+    config = importlib.import_module(f'configs.{name}').get_config()
+    calls = ours(config, FLAGS.batch)
+    if FLAGS.reference_dir:
+      calls.update(reference(name, FLAGS.batch))
+    times = {variant: [] for variant in calls}
+    for _ in range(FLAGS.repeats):  # interleaved: every variant sees the same load
+      for variant, (call, _) in calls.items():
+        times[variant].append(_seconds(call))
+    median = {variant: float(np.median(ts)) for variant, ts in times.items()}
+    for variant, (_, compile_s) in calls.items():
+      kind = variant.split(',')[0]
+      base = median[f'{kind}, XLA defaults']
+      ref = median.get(f'{kind}, reference')
+      print(f'| {name} | {variant} | {compile_s:.1f} | {median[variant]:.3f} | '
+            f'{median[variant] / base:.2f} | {f"{median[variant] / ref:.2f}" if ref else "—"} |',
+            flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

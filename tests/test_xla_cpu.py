@@ -1,0 +1,76 @@
+"""XLA:CPU compiler options per program (infra/xla_cpu.py): chosen per kind, switchable, and in effect."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs.ve import digits_ncsnpp_continuous
+from scoresde import likelihood
+from scoresde import losses
+from scoresde import run_lib
+from scoresde import sampling
+from scoresde import sde_lib
+from scoresde.infra import parallel
+from scoresde.infra import xla_cpu
+from scoresde.models import utils as mutils
+
+cpu_only = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the options are for XLA:CPU')
+
+
+@cpu_only
+def test_each_program_has_its_options(monkeypatch):
+  monkeypatch.delenv(xla_cpu.ENV_SWITCH, raising=False)
+  monkeypatch.setenv('XLA_FLAGS', '')
+  inference, training = xla_cpu.compiler_options('inference'), xla_cpu.compiler_options('training')
+  assert inference == {'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert training == {'xla_cpu_experimental_ynn_fusion_type':
+                      'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_DOT'}
+  training['extra'] = '1'  # a copy: callers cannot change the table
+  assert 'extra' not in xla_cpu.compiler_options('training')
+  with pytest.raises(ValueError, match='program must be one of'):
+    xla_cpu.compiler_options('sampling')
+
+
+@cpu_only
+@pytest.mark.parametrize('env', [{xla_cpu.ENV_SWITCH: '0'},
+                                 {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT'}])
+def test_switched_off_or_overridden_by_the_user(monkeypatch, env):
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  assert xla_cpu.compiler_options('inference') is None
+  assert xla_cpu.compiler_options('training') is None
+
+
+@cpu_only
+def test_inference_options_keep_convolutions_in_xla():
+  """At this size XLA hands the convolution and its epilogue to YNNPACK by default; the inference
+  options keep it in XLA (if a jax upgrade changes this, the measured choice must be redone)."""
+  def conv_tanh(x, w):
+    return jnp.tanh(jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + 1.)
+  x, w = jnp.ones((4, 16, 16, 32)), jnp.ones((3, 3, 32, 32))
+  default = jax.jit(conv_tanh).lower(x, w).compile().as_text()
+  inference = jax.jit(conv_tanh, compiler_options=xla_cpu.compiler_options('inference')).lower(
+      x, w).compile().as_text()
+  assert '__ynn_fusion' in default
+  assert '__ynn_fusion' not in inference
+
+
+def test_library_programs_ask_for_their_kind(monkeypatch):
+  """Samplers, likelihoods and the eval loss are built as inference programs, the step as training."""
+  asked = []
+  real = xla_cpu.compiler_options
+  monkeypatch.setattr(xla_cpu, 'compiler_options', lambda program: asked.append(program) or real(program))
+  sde = sde_lib.VPSDE(0.1, 20., 1000)
+  sampling.get_pc_sampler(sde, (2, 2), 'euler_maruyama', 'none', snr=0.16, n_steps=1,
+                          probability_flow=False, denoise=True, eps=1e-3, langevin_per_sample=False)
+  sampling.get_ode_sampler(sde, (2, 2), rtol=1e-5, atol=1e-5, method='dopri5', eps=1e-3, denoise=False)
+  likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=1, rtol=1e-5, atol=1e-5, eps=1e-5,
+                                   method='dopri5')
+  assert asked == ['inference'] * 3
+  asked.clear()
+  config = digits_ncsnpp_continuous.get_config()
+  model = mutils.create_model(config)  # built, not traced: nothing compiles
+  run_lib.build_multi_step(config, sde_lib.get_sde(config), model, losses.get_optimizer(config),
+                           parallel.data_mesh())
+  assert asked == ['training']
