@@ -6,7 +6,8 @@ the network's forward pass as samplers call it (``model.apply`` jitted), the for
 tangent (``jax.jvp`` with a Rademacher probe: the work of one likelihood evaluation), and the trainer's
 compiled step
 (``run_lib.build_multi_step``: loss, gradient, Adam, clipping, EMA), each compiled twice — with XLA's
-default CPU options (``SCORESDE_XLA_CPU_TUNING=0``) and with the options the library uses — then
+default CPU options (``SCORESDE_XLA_CPU_TUNING=0``) and with the options the library uses (for the step
+these are XLA's defaults) — plus the step under ``--candidate_step`` (a YNNPACK fusion set), then
 ``--repeats`` calls of every variant interleaved, medians. Compile times are the first calls.
 
 ``--reference_dir`` points at a checkout of github.com/yang-song/score_sde_pytorch: its models are built
@@ -27,6 +28,7 @@ import os
 import sys
 import time
 from typing import Callable
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -51,6 +53,9 @@ flags.DEFINE_integer('batch', 4, 'Batch size.')
 flags.DEFINE_integer('repeats', 5, 'Timed calls per variant (median).')
 flags.DEFINE_string('reference_dir', '', 'A score_sde_pytorch checkout to time beside ours (optional).')
 flags.DEFINE_integer('threads', 2, 'torch.set_num_threads for the reference.')
+flags.DEFINE_string('candidate_step', 'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_DOT',
+                    'xla_cpu_experimental_ynn_fusion_type of a candidate training step timed beside the '
+                    'library\'s (empty: none).')
 
 Call = Callable[[], None]
 
@@ -106,6 +111,17 @@ def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
     calls[f'forward, {label}'] = (forward_call, _seconds(forward_call))
     calls[f'forward + tangent, {label}'] = (tangent_call, _seconds(tangent_call))
     calls[f'training step, {label}'] = (step_call, _seconds(step_call))
+  if FLAGS.candidate_step:
+    candidate = {'xla_cpu_experimental_ynn_fusion_type': FLAGS.candidate_step}
+    with mock.patch.dict(xla_cpu.OPTIONS, {'training': candidate}):
+      step = run_lib.build_multi_step(config, sde, model, optimizer, mesh)
+    holder = {'state': parallel.replicate(mesh, losses.init_train_state(
+        jax.random.PRNGKey(1), jax.tree.map(jnp.copy, variables['params']), optimizer))}
+
+    def candidate_call(s=step, h=holder):
+      h['state'], metrics = s(h['state'], data)
+      jax.block_until_ready(metrics)
+    calls[f'training step, candidate {FLAGS.candidate_step}'] = (candidate_call, _seconds(candidate_call))
   return calls
 
 

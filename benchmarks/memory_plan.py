@@ -118,9 +118,8 @@ def load_config(name: str):
   return importlib.import_module(module).get_config()
 
 
-def footprint(config, batch: int) -> tuple[Footprint, int]:
-  """The compiled train step's memory at global ``batch`` and the model's parameter count, from abstract
-  inputs only."""
+def abstract_setup(config, batch: int):
+  """(config at ``batch`` with one step per call, model, optimizer, abstract train state): no arrays."""
   parallel.check_batch_size(batch, 'the planned batch')
   config = config.copy_and_resolve_references()
   config.training.batch_size = batch
@@ -134,8 +133,12 @@ def footprint(config, batch: int) -> tuple[Footprint, int]:
     params = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}, x, labels,
                         train=False)['params']
     return losses.init_train_state(jax.random.PRNGKey(2), params, optimizer)
+  return config, model, optimizer, jax.eval_shape(init_state)
 
-  state = jax.eval_shape(init_state)
+def footprint(config, batch: int) -> tuple[Footprint, int]:
+  """The compiled train step's memory at global ``batch`` and the model's parameter count, from abstract
+  inputs only."""
+  config, model, optimizer, state = abstract_setup(config, batch)
   batches = jax.ShapeDtypeStruct((1, batch) + tuple(datasets.data_shape(config)), jnp.float32)
   step = run_lib.build_multi_step(config, sde_lib.get_sde(config), model, optimizer, parallel.data_mesh())
   analysis = step.lower(state, batches).compile().memory_analysis()
@@ -178,20 +181,7 @@ class ResidualPlan:
 
 def residual_plan(config, batch: int) -> tuple[ResidualPlan, int]:
   """The step's memory at global ``batch`` from tracing alone, and the parameter count."""
-  parallel.check_batch_size(batch, 'the planned batch')
-  config = config.copy_and_resolve_references()
-  config.training.batch_size = batch
-  mutils.validate_model_config(config)
-  model = mutils.create_model(config)
-  optimizer = losses.get_optimizer(config)
-
-  def init_state():
-    x, labels = mutils.dummy_inputs(model, 1)
-    params = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}, x, labels,
-                        train=False)['params']
-    return losses.init_train_state(jax.random.PRNGKey(2), params, optimizer)
-
-  state = jax.eval_shape(init_state)
+  config, model, _, state = abstract_setup(config, batch)
   loss_fn = losses.get_loss_fn(config, sde_lib.get_sde(config), model, train=True)
   per_device = batch // jax.device_count()
   x = jax.ShapeDtypeStruct((per_device,) + tuple(datasets.data_shape(config)), jnp.float32)
