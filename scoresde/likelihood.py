@@ -186,8 +186,8 @@ def get_log_likelihood_fn(sde: sde_lib.SDE, hutchinson_type: str, *, num_probes:
   mesh = parallel.data_mesh() if jax.device_count() > 1 else None
   options = dict(hutchinson_type=hutchinson_type, num_probes=int(num_probes), rtol=float(rtol),
                  atol=float(atol), eps=float(eps), method=method, max_steps=int(max_steps), mesh=mesh)
-  jitted = jax.jit(lambda rng, score_tree, x: _log_likelihood(sde, rng, score_tree, x, **options),
-                   compiler_options=xla_cpu.compiler_options('inference'))
+  jitted = xla_cpu.jit(lambda rng, score_tree, x: _log_likelihood(sde, rng, score_tree, x, **options),
+                       'inference')
 
   def log_likelihood_fn(rng: Array, score_fn: ScoreFn, x: Array) -> tuple[Array, Array, Array]:
     check_finite_data(x, 'the input x of the log-likelihood')
@@ -295,7 +295,7 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels:
                                    **options)
     dim = math.prod(levels.shape[1:])
     return (-logp + log_q) / (dim * math.log(2.)) + offset, z, nfe
-  jitted = jax.jit(bits_per_dim, compiler_options=xla_cpu.compiler_options('inference'))
+  jitted = xla_cpu.jit(bits_per_dim, 'inference')
 
   def likelihood_fn(rng: Array, score_fn: ScoreFn, levels: Array,
                     dequantizer: Dequantizer | None = None) -> tuple[Array, Array, Array]:
@@ -340,7 +340,7 @@ def get_elbo_bpd_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels: i
   shift, scale = affine_coefficients(inverse_scaler)
   offset = dequantization_offset_bits(inverse_scaler, num_levels)
 
-  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options('inference'))
+  @functools.partial(xla_cpu.jit, program='inference')
   def bound(rng, score_tree, levels, deq_tree):
     v, log_q = _dequantized(deq_tree, rng, levels, num_levels)
     nats = likelihood_weighting.elbo(jax.random.split(rng)[1], score_tree, sde, (v - shift) / scale,

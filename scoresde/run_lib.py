@@ -282,9 +282,8 @@ def build_multi_step(config, sde: sde_lib.SDE, model, optimizer, mesh):
     def multi_step(state, xs):
       return jax.lax.scan(train_step, state, xs)
   batches_sharding = parallel.batch_sharding(mesh, example_ndim + 2, axis=1)
-  return jax.jit(multi_step, in_shardings=(replicated, batches_sharding),
-                 out_shardings=(replicated, replicated), donate_argnums=0,
-                 compiler_options=xla_cpu.compiler_options('training'))
+  return xla_cpu.jit(multi_step, 'training', in_shardings=(replicated, batches_sharding),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def train(config, workdir: str, allow_config_change: bool = False) -> losses.TrainState:
@@ -474,9 +473,8 @@ def _checkpoint_indices(config, workdir: str) -> list[int]:
 def _jit_eval_loss(config, sde, model, mesh):
   """The eval loss, compiled with global (replicated) sums, readable on every process."""
   replicated = parallel.replicated(mesh)
-  return jax.jit(losses.get_eval_loss_fn(config, sde, model),
-                 out_shardings=(replicated, replicated, parallel.batch_sharding(mesh)),
-                 compiler_options=xla_cpu.compiler_options('inference'))
+  return xla_cpu.jit(losses.get_eval_loss_fn(config, sde, model), 'inference',
+                     out_shardings=(replicated, replicated, parallel.batch_sharding(mesh)))
 
 
 def eval_loss_over_split(config, sde, model, variables, split: str = 'test',

@@ -438,7 +438,7 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | type[Predictor],
   base = ShardedSampler(sde, shape, inverse_scaler)
   timesteps = jnp.linspace(sde.T, eps, sde.N)
 
-  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options('inference'))
+  @functools.partial(xla_cpu.jit, program='inference')
   def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
     prior_keys, loop_keys = fold_in(keys, 0), fold_in(keys, 1)
@@ -521,7 +521,7 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, rtol: float, atol: float, method
                                    max_steps=int(max_steps))
     return solution.ys[-1], solution.stats['num_steps']
 
-  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options('inference'))
+  @functools.partial(xla_cpu.jit, program='inference')
   def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
     x = base.initial(fold_in(keys, 0), z)
@@ -560,7 +560,7 @@ def get_fast_sampler(sde: sde_lib.SDE, shape, solver: fast_samplers.Solver,
   view = fast_samplers.EDMView(sde)
   scale_T = view.coeffs(sde.T)[0]
 
-  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options('inference'))
+  @functools.partial(xla_cpu.jit, program='inference')
   def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
     x = base.initial(fold_in(keys, 0), z)
@@ -600,7 +600,7 @@ def get_ggf_sampler(sde: sde_lib.SDE, shape, *, atol: float, rtol: float, h_init
                      f'rtol={rtol}, h_init={h_init} (config.sampling.ggf_atol / ggf_rtol / ggf_h_init).')
   base = ShardedSampler(sde, shape, inverse_scaler)
 
-  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options('inference'))
+  @functools.partial(xla_cpu.jit, program='inference')
   def run(rng, score_tree, z, first_index):
     keys = base.sample_keys(rng, first_index)
     x = base.initial(fold_in(keys, 0), z)

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs.ve import digits_ncsnpp_continuous
@@ -72,3 +73,15 @@ def test_library_programs_ask_for_their_kind(monkeypatch):
   run_lib.build_multi_step(config, sde_lib.get_sde(config), model, losses.get_optimizer(config),
                            parallel.data_mesh())
   assert asked == ['training']
+
+
+def test_nested_calls_run_as_plain_jits():
+  """XLA takes compiler options only at top level: inside a caller's jit (traced or constant
+  arguments), vmap or grad the function still runs, and gives the top-level result."""
+  fn = xla_cpu.jit(lambda x: jnp.sin(x) * 2., 'inference')
+  x = jnp.linspace(0., 1., 4)
+  want = fn(x)
+  np.testing.assert_allclose(jax.jit(fn)(x), want, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(lambda y: fn(x) + y)(0.), want, rtol=1e-6)  # constant argument
+  np.testing.assert_allclose(jax.vmap(fn)(x), want, rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda y: jnp.sum(fn(y)))(x), 2. * jnp.cos(x), rtol=1e-6)

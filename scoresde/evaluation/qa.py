@@ -114,7 +114,7 @@ class _Detector:
       out = anomaly.dsm_residuals(score_fn, sde, x, sigmas, rng, num_draws, index)
       out['map'] = out['map'][primary]
       return out
-    self._fn = jax.jit(residuals, compiler_options=xla_cpu.compiler_options('inference'))
+    self._fn = xla_cpu.jit(residuals, 'inference')
 
   def __call__(self, x: np.ndarray, index: np.ndarray, tag: int) -> dict[str, np.ndarray]:
     """This process's rows ``x`` (scaled here) at global positions ``index`` → host arrays, every

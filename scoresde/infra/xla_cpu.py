@@ -7,7 +7,7 @@ network forward (samplers, likelihoods, the eval loss, the anomaly residual) is 
 fusions (XLA's own convolutions): 0.82-0.86x the time. The training step keeps XLA's defaults: the best
 other set (YNNPACK for elementwise fusions and matrix products) speeds up the gradient but slows the
 optimizer and EMA update as much on CIFAR, and the digits step by 15%. The options go to ``jax.jit``'s
-``compiler_options`` of each program, so one process can hold both kinds.
+``compiler_options`` of each program (``jit`` below), so one process can hold both kinds.
 
 Only the CPU backend is affected. ``SCORESDE_XLA_CPU_TUNING=0`` turns the choice off (XLA's defaults),
 and an ``xla_cpu_experimental_ynn_fusion_type`` given in ``XLA_FLAGS`` is the user's choice and wins.
@@ -15,8 +15,9 @@ and an ``xla_cpu_experimental_ynn_fusion_type`` given in ``XLA_FLAGS`` is the us
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import jax
 
@@ -43,3 +44,33 @@ def compiler_options(program: Program) -> dict[str, str] | None:
   if jax.default_backend() != 'cpu':
     return None
   return dict(OPTIONS[program]) or None
+
+
+def _has_tracer(tree: Any) -> bool:
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def jit(fun: Callable, program: Program, **jit_kwargs) -> Callable:
+  """``jax.jit(fun, **jit_kwargs)``, compiled with ``program``'s options when called at top level.
+
+  XLA takes ``compiler_options`` only for a top-level program: called inside another transformation
+  (``jit``, ``vmap``, ``grad`` of a caller: its arguments are tracers, or an enclosing ``jit`` is being
+  traced), ``fun`` runs as a plain nested ``jit`` and the enclosing program's options apply.
+  """
+  options = compiler_options(program)
+  plain = jax.jit(fun, **jit_kwargs)
+  if options is None:
+    return plain
+  tuned = jax.jit(fun, compiler_options=options, **jit_kwargs)
+
+  @functools.wraps(fun)
+  def call(*args, **kwargs):
+    if _has_tracer((args, kwargs)):
+      return plain(*args, **kwargs)
+    try:
+      return tuned(*args, **kwargs)
+    except ValueError as err:  # an enclosing jit traces us with constant arguments
+      if 'compiler_options' not in str(err):
+        raise
+      return plain(*args, **kwargs)
+  return call
