@@ -6,8 +6,9 @@ the network's forward pass as samplers call it (``model.apply`` jitted), the for
 tangent (``jax.jvp`` with a Rademacher probe: the work of one likelihood evaluation), and the trainer's
 compiled step
 (``run_lib.build_multi_step``: loss, gradient, Adam, clipping, EMA), each compiled twice — with XLA's
-default CPU options (``SCORESDE_XLA_CPU_TUNING=0``) and with the options the library uses (for the step
-these are XLA's defaults) — plus the step under ``--candidate_step`` (a YNNPACK fusion set), then
+default CPU options (``SCORESDE_XLA_CPU_TUNING=0``; the step as one program) and as the library builds
+it (the inference options; on CPU the step as a gradient and an update program, each with its options)
+— plus the one-program step under ``--candidate_step`` (a YNNPACK fusion set), then
 ``--repeats`` calls of every variant interleaved, medians. Compile times are the first calls.
 
 ``--reference_dir`` points at a checkout of github.com/yang-song/score_sde_pytorch: its models are built
@@ -94,7 +95,10 @@ def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
     tangent = _with_tuning(enabled, lambda: jax.jit(
         lambda v: jax.jvp(lambda y: model.apply(v, y, t, train=False), (x,), (probe,)),
         compiler_options=xla_cpu.compiler_options('inference')))
-    step = _with_tuning(enabled, lambda: run_lib.build_multi_step(config, sde, model, optimizer, mesh))
+    # XLA's defaults: the one-program step as before; tuned: the trainer's step as the library builds it
+    # (on CPU a gradient and an update program, each with its options).
+    step = _with_tuning(enabled, lambda: run_lib.build_multi_step(config, sde, model, optimizer, mesh,
+                                                                  split_on_cpu=enabled))
     params = jax.tree.map(jnp.copy, variables['params'])  # each step donates its own state
     holder = {'state': parallel.replicate(mesh, losses.init_train_state(jax.random.PRNGKey(1), params,
                                                                         optimizer))}
@@ -114,7 +118,7 @@ def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
   if FLAGS.candidate_step:
     candidate = {'xla_cpu_experimental_ynn_fusion_type': FLAGS.candidate_step}
     with mock.patch.dict(xla_cpu.OPTIONS, {'training': candidate}):
-      step = run_lib.build_multi_step(config, sde, model, optimizer, mesh)
+      step = run_lib.build_multi_step(config, sde, model, optimizer, mesh, split_on_cpu=False)
     holder = {'state': parallel.replicate(mesh, losses.init_train_state(
         jax.random.PRNGKey(1), jax.tree.map(jnp.copy, variables['params']), optimizer))}
 

@@ -140,7 +140,8 @@ def footprint(config, batch: int) -> tuple[Footprint, int]:
   inputs only."""
   config, model, optimizer, state = abstract_setup(config, batch)
   batches = jax.ShapeDtypeStruct((1, batch) + tuple(datasets.data_shape(config)), jnp.float32)
-  step = run_lib.build_multi_step(config, sde_lib.get_sde(config), model, optimizer, parallel.data_mesh())
+  step = run_lib.build_multi_step(config, sde_lib.get_sde(config), model, optimizer, parallel.data_mesh(),
+                                  split_on_cpu=False)  # one program, as accelerators run it
   analysis = step.lower(state, batches).compile().memory_analysis()
   params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))
   return Footprint(argument=analysis.argument_size_in_bytes, output=analysis.output_size_in_bytes,

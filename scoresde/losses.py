@@ -265,18 +265,28 @@ def init_train_state(rng: Array, params: PyTree, optimizer: optax.GradientTransf
                     params_ema=jax.tree.map(jnp.copy, params), rng=rng)
 
 
-def get_train_step(config, loss_fn: LossFn, optimizer: optax.GradientTransformation):
-  """``train_step(state, x) -> (state, metrics)``: one optimizer update on the global batch ``x``.
+def get_gradient_step(loss_fn: LossFn):
+  """``gradient_step(state, x) -> (grads, loss, rng)``: the first half of a training step, the mean loss
+  on the global batch ``x``, its gradient and the state's next key.
 
   Under ``jax.jit`` with the batch sharded over devices, the mean loss and its gradient are global
   (XLA inserts the cross-device reductions the reference wrote as ``lax.pmean``).
   """
+  def gradient_step(state: TrainState, x: Array) -> tuple[PyTree, Array, Array]:
+    rng, step_rng = jax.random.split(state.rng)
+    loss, grads = jax.value_and_grad(lambda p: jnp.mean(loss_fn(step_rng, p, x)))(state.params)
+    return grads, loss, rng
+  return gradient_step
+
+
+def get_update_step(config, optimizer: optax.GradientTransformation):
+  """``update_step(state, grads, loss, rng) -> (state, metrics)``: the second half, the optimizer and
+  EMA update."""
   ema_rate = float(config.model.ema_rate)
   ema_warmup = bool(config.model.ema_warmup)
 
-  def train_step(state: TrainState, x: Array) -> tuple[TrainState, dict[str, Array]]:
-    rng, step_rng = jax.random.split(state.rng)
-    loss, grads = jax.value_and_grad(lambda p: jnp.mean(loss_fn(step_rng, p, x)))(state.params)
+  def update_step(state: TrainState, grads: PyTree, loss: Array,
+                  rng: Array) -> tuple[TrainState, dict[str, Array]]:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, ema_rate, ema_warmup)
@@ -284,6 +294,16 @@ def get_train_step(config, loss_fn: LossFn, optimizer: optax.GradientTransformat
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            params_ema=params_ema, rng=rng)
     return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+  return update_step
+
+
+def get_train_step(config, loss_fn: LossFn, optimizer: optax.GradientTransformation):
+  """``train_step(state, x) -> (state, metrics)``: one optimizer update on the global batch ``x``
+  (``get_gradient_step`` then ``get_update_step``, in one program)."""
+  gradient_step, update_step = get_gradient_step(loss_fn), get_update_step(config, optimizer)
+
+  def train_step(state: TrainState, x: Array) -> tuple[TrainState, dict[str, Array]]:
+    return update_step(state, *gradient_step(state, x))
   return train_step
 
 

@@ -22,9 +22,12 @@ cpu_only = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the option
 def test_each_program_has_its_options(monkeypatch):
   monkeypatch.delenv(xla_cpu.ENV_SWITCH, raising=False)
   monkeypatch.setenv('XLA_FLAGS', '')
-  inference, training = xla_cpu.compiler_options('inference'), xla_cpu.compiler_options('training')
+  inference, gradient = xla_cpu.compiler_options('inference'), xla_cpu.compiler_options('gradient')
   assert inference == {'xla_cpu_experimental_ynn_fusion_type': ''}
-  assert training is None  # XLA's defaults: measured best for the step
+  assert gradient == {'xla_cpu_experimental_ynn_fusion_type':
+                      'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_DOT'}
+  assert xla_cpu.compiler_options('update') is None  # XLA's defaults: measured best for the update
+  assert xla_cpu.compiler_options('training') is None
   inference['extra'] = '1'  # a copy: callers cannot change the table
   assert 'extra' not in xla_cpu.compiler_options('inference')
   with pytest.raises(ValueError, match='program must be one of'):
@@ -38,6 +41,7 @@ def test_switched_off_or_overridden_by_the_user(monkeypatch, env):
   for key, value in env.items():
     monkeypatch.setenv(key, value)
   assert xla_cpu.compiler_options('inference') is None
+  assert xla_cpu.compiler_options('gradient') is None
 
 
 @cpu_only
@@ -56,7 +60,8 @@ def test_inference_options_keep_convolutions_in_xla():
 
 
 def test_library_programs_ask_for_their_kind(monkeypatch):
-  """Samplers, likelihoods and the eval loss are built as inference programs, the step as training."""
+  """Samplers, likelihoods and the eval loss are built as inference programs; on CPU the trainer's step
+  as a gradient and an update program, elsewhere (or asked to) as one training program."""
   asked = []
   real = xla_cpu.compiler_options
   monkeypatch.setattr(xla_cpu, 'compiler_options', lambda program: asked.append(program) or real(program))
@@ -70,8 +75,12 @@ def test_library_programs_ask_for_their_kind(monkeypatch):
   asked.clear()
   config = digits_ncsnpp_continuous.get_config()
   model = mutils.create_model(config)  # built, not traced: nothing compiles
-  run_lib.build_multi_step(config, sde_lib.get_sde(config), model, losses.get_optimizer(config),
-                           parallel.data_mesh())
+  build = lambda **kw: run_lib.build_multi_step(config, sde_lib.get_sde(config), model,
+                                                losses.get_optimizer(config), parallel.data_mesh(), **kw)
+  build()
+  assert asked == (['gradient', 'update'] if jax.default_backend() == 'cpu' else ['training'])
+  asked.clear()
+  build(split_on_cpu=False)
   assert asked == ['training']
 
 

@@ -4,10 +4,12 @@ On the CPU backend, XLA (jax 0.10) hands some fusions to the YNNPACK library by 
 CIFAR-10 NCSN++ and DDPM++ at batch 4 and the digits NCSN++ at 64 on a 2-core CPU
 (``benchmarks/cpu_flags.py``, BENCHMARKS.md "Where the CPU time goes"): a program that only runs the
 network forward (samplers, likelihoods, the eval loss, the anomaly residual) is fastest with no YNNPACK
-fusions (XLA's own convolutions): 0.82-0.86x the time. The training step keeps XLA's defaults: the best
-other set (YNNPACK for elementwise fusions and matrix products) speeds up the gradient but slows the
-optimizer and EMA update as much on CIFAR, and the digits step by 15%. The options go to ``jax.jit``'s
-``compiler_options`` of each program (``jit`` below), so one process can hold both kinds.
+fusions (XLA's own convolutions): 0.82-0.86x the time. The training step's gradient is fastest with
+YNNPACK for elementwise fusions and matrix products only, but that set slows the optimizer and EMA
+update of the parameters (0.25 vs 0.14 s for 62M parameters), which keeps XLA's defaults: on CPU the
+trainer runs them as two programs (``run_lib``). The options go to ``jax.jit``'s ``compiler_options`` of
+each program (``jit`` below), so one process holds every kind. ``training`` is the one-program step
+(XLA's defaults: with the gradient's set it is no faster and takes more memory).
 
 Only the CPU backend is affected. ``SCORESDE_XLA_CPU_TUNING=0`` turns the choice off (XLA's defaults),
 and an ``xla_cpu_experimental_ynn_fusion_type`` given in ``XLA_FLAGS`` is the user's choice and wins.
@@ -21,11 +23,13 @@ from typing import Any, Callable, Literal
 
 import jax
 
-Program = Literal['training', 'inference']
+Program = Literal['inference', 'gradient', 'update', 'training']
 
 _YNN = 'xla_cpu_experimental_ynn_fusion_type'
 OPTIONS: dict[str, dict[str, str]] = {
-    'training': {},  # XLA's defaults, measured best (see above)
+    'gradient': {_YNN: 'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_DOT'},
+    'update': {},  # XLA's defaults
+    'training': {},  # XLA's defaults
     'inference': {_YNN: ''},
 }
 ENV_SWITCH = 'SCORESDE_XLA_CPU_TUNING'
