@@ -46,6 +46,7 @@ from scoresde import sde_lib
 from scoresde.infra import parallel
 from scoresde.infra import xla_cpu
 from scoresde.models import utils as mutils
+import torch_reference  # benchmarks/
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('configs', ['vp.cifar10_ddpmpp_continuous', 've.cifar10_ncsnpp_continuous'],
@@ -133,40 +134,13 @@ def reference(name: str, batch: int) -> dict[str, tuple[Call, float]]:
   """The PyTorch reference's forward and step for its config ``name`` (empty without torch)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
-    import torch.utils.cpp_extension as cpp_extension  # pylint: disable=import-outside-toplevel
   except ImportError:
     print('torch is not installed: the reference is skipped')
     return {}
-  torch.set_num_threads(FLAGS.threads)
-  cpp_extension.load = lambda *args, **kwargs: None  # the CUDA kernels; unused on the CPU
-  if FLAGS.reference_dir not in sys.path:
-    sys.path.insert(0, FLAGS.reference_dir)
-  for module in [m for m in sys.modules if m == 'configs' or m.startswith('configs.')]:
-    del sys.modules[module]  # ours and the reference's configs share the package name
-  ref_losses = importlib.import_module('losses')
-  ref_sde_lib = importlib.import_module('sde_lib')
-  ref_utils = importlib.import_module('models.utils')
-  for model_module in ('ncsnpp', 'ddpm', 'ncsnv2'):
-    importlib.import_module(f'models.{model_module}')  # registers the models
-  ema_cls = importlib.import_module('models.ema').ExponentialMovingAverage
-  config = importlib.import_module(f'configs.{name}').get_config()
-  sys.path.remove(FLAGS.reference_dir)
-  for module in [m for m in sys.modules if m == 'configs' or m.startswith('configs.')]:
-    del sys.modules[module]
-  config.device = torch.device('cpu')
-  torch.manual_seed(0)
-  model = ref_utils.create_model(config)
-  state = dict(optimizer=ref_losses.get_optimizer(config, model.parameters()), model=model,
-               ema=ema_cls(model.parameters(), decay=config.model.ema_rate), step=0)
-  if config.training.sde == 'vesde':
-    sde = ref_sde_lib.VESDE(config.model.sigma_min, config.model.sigma_max, config.model.num_scales)
-  else:
-    sde = ref_sde_lib.VPSDE(config.model.beta_min, config.model.beta_max, config.model.num_scales)
-  step_fn = ref_losses.get_step_fn(sde, train=True, optimize_fn=ref_losses.optimization_manager(config),
-                                   reduce_mean=config.training.reduce_mean,
-                                   continuous=config.training.continuous,
-                                   likelihood_weighting=config.training.likelihood_weighting)
-  score_fn = ref_utils.get_score_fn(sde, model, train=False, continuous=config.training.continuous)
+  ref = torch_reference.build(FLAGS.reference_dir, name, FLAGS.threads)
+  config = ref.config
+  score_fn = ref.modules['models.utils'].get_score_fn(ref.sde, ref.model, train=False,
+                                                      continuous=config.training.continuous)
   x = torch.rand(batch, config.data.num_channels, config.data.image_size, config.data.image_size)
   t = torch.full((batch,), 0.5)
 
@@ -175,7 +149,7 @@ def reference(name: str, batch: int) -> dict[str, tuple[Call, float]]:
       score_fn(x, t)
 
   def step_call():
-    step_fn(state, x)
+    ref.step_fn(ref.state, x)
   return {'forward, reference': (forward_call, _seconds(forward_call)),
           'training step, reference': (step_call, _seconds(step_call))}
 

@@ -37,6 +37,7 @@ from scoresde import likelihood
 from scoresde import sde_lib
 from scoresde.models import utils as mutils
 from scoresde.porting import torch_port
+import torch_reference  # benchmarks/
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('reference_dir', None, 'A score_sde_pytorch checkout.', required=True)
@@ -59,54 +60,27 @@ def _images(config, batch: int) -> np.ndarray:
 def reference(images: np.ndarray, checkpoint: str) -> tuple[np.ndarray, int, float]:
   """(bits/dim, NFE, seconds) of the reference, after training it briefly and writing ``checkpoint``."""
   import torch  # pylint: disable=import-outside-toplevel
-  import torch.utils.cpp_extension as cpp_extension  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(FLAGS.threads)
-  cpp_extension.load = lambda *args, **kwargs: None  # its CUDA kernels; unused on the CPU
-  sys.path.insert(0, FLAGS.reference_dir)
-  saved_configs = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split('.')[0] == 'configs'}
-  try:
-    ref_losses = importlib.import_module('losses')
-    ref_sde_lib = importlib.import_module('sde_lib')
-    ref_utils = importlib.import_module('models.utils')
-    ref_likelihood = importlib.import_module('likelihood')
-    for model_module in ('ncsnpp', 'ddpm'):
-      importlib.import_module(f'models.{model_module}')
-    ema_cls = importlib.import_module('models.ema').ExponentialMovingAverage
-    config = importlib.import_module(f'configs.{FLAGS.config}').get_config()
-  finally:
-    sys.path.remove(FLAGS.reference_dir)
-    for module in [m for m in sys.modules if m.split('.')[0] == 'configs']:
-      del sys.modules[module]
-    sys.modules.update(saved_configs)
-  config.device = torch.device('cpu')
-  config.model.nf = FLAGS.nf
-  config.optim.lr, config.optim.warmup = FLAGS.train_lr, 0
-  torch.manual_seed(0)
-  model = ref_utils.create_model(config)
-  optimizer = ref_losses.get_optimizer(config, model.parameters())
-  ema = ema_cls(model.parameters(), decay=config.model.ema_rate)
-  state = dict(optimizer=optimizer, model=model, ema=ema, step=0)
-  sde = ref_sde_lib.VPSDE(config.model.beta_min, config.model.beta_max, config.model.num_scales)
-  if config.training.sde == 'vesde':
-    sde = ref_sde_lib.VESDE(config.model.sigma_min, config.model.sigma_max, config.model.num_scales)
-  step_fn = ref_losses.get_step_fn(sde, train=True, optimize_fn=ref_losses.optimization_manager(config),
-                                   reduce_mean=config.training.reduce_mean,
-                                   continuous=config.training.continuous,
-                                   likelihood_weighting=config.training.likelihood_weighting)
+
+  def adjust(config):
+    config.model.nf = FLAGS.nf
+    config.optim.lr, config.optim.warmup = FLAGS.train_lr, 0
+  ref = torch_reference.build(FLAGS.reference_dir, FLAGS.config, FLAGS.threads, adjust)
+  config = ref.config
   # The reference's data scaling, written out: its datasets module imports TensorFlow.
   centered = bool(config.data.centered)
   scaler = (lambda x: 2. * x - 1.) if centered else (lambda x: x)
   inverse_scaler = (lambda x: (x + 1.) / 2.) if centered else (lambda x: x)
   for _ in range(FLAGS.train_steps):
-    step_fn(state, scaler(torch.rand(8, config.data.num_channels, config.data.image_size,
-                                     config.data.image_size)))
+    ref.step_fn(ref.state, scaler(torch.rand(8, config.data.num_channels, config.data.image_size,
+                                             config.data.image_size)))
   # No optimizer state: its numpy scalars are refused by our loader's allow-list (untrusted pickles).
-  torch.save({'model': model.state_dict(), 'ema': ema.state_dict(), 'step': FLAGS.train_steps}, checkpoint)
-  likelihood_fn = ref_likelihood.get_likelihood_fn(
-      sde, inverse_scaler, rtol=FLAGS.tol, atol=FLAGS.tol)
+  torch.save({'model': ref.model.state_dict(), 'ema': ref.state['ema'].state_dict(),
+              'step': FLAGS.train_steps}, checkpoint)
+  likelihood_fn = ref.modules['likelihood'].get_likelihood_fn(ref.sde, inverse_scaler, rtol=FLAGS.tol,
+                                                              atol=FLAGS.tol)
   data = scaler(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
   start = time.perf_counter()
-  bpd, _, nfe = likelihood_fn(model, data)
+  bpd, _, nfe = likelihood_fn(ref.model, data)
   return bpd.numpy(), int(nfe), time.perf_counter() - start
 
 

@@ -271,12 +271,13 @@ def build_multi_step(config, sde: sde_lib.SDE, model, optimizer, mesh, *, split_
   program is what accelerators run, and what ``benchmarks/memory_plan.py`` compiles.
   """
   loss_fn = losses.get_loss_fn(config, sde, model, train=True)
-  example_ndim = len(datasets.data_shape(config))
   replicated = parallel.replicated(mesh)
-  if jax.default_backend() == 'cpu' and split_on_cpu:
-    return _split_multi_step(config, loss_fn, optimizer, mesh, example_ndim)
+  batches_sharding = parallel.batch_sharding(mesh, len(datasets.data_shape(config)) + 2, axis=1)
+  on_cpu = jax.default_backend() == 'cpu'
+  if on_cpu and split_on_cpu:
+    return _split_multi_step(config, loss_fn, optimizer, replicated, batches_sharding)
   train_step = losses.get_train_step(config, loss_fn, optimizer)
-  if jax.default_backend() == 'cpu':
+  if on_cpu:
     # XLA:CPU runs convolution gradients inside a scan (while) body far slower than outside a loop
     # (measured: 48 s vs 1.3 s per digits NCSN++ step at batch 64), so on CPU the steps are unrolled.
     def multi_step(state, xs):
@@ -288,18 +289,15 @@ def build_multi_step(config, sde: sde_lib.SDE, model, optimizer, mesh, *, split_
   else:
     def multi_step(state, xs):
       return jax.lax.scan(train_step, state, xs)
-  batches_sharding = parallel.batch_sharding(mesh, example_ndim + 2, axis=1)
   return xla_cpu.jit(multi_step, 'training', in_shardings=(replicated, batches_sharding),
                      out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def _split_multi_step(config, loss_fn, optimizer, mesh, example_ndim: int):
+def _split_multi_step(config, loss_fn, optimizer, replicated, batches_sharding):
   """CPU: every step as two compiled programs, the gradient and the optimizer + EMA update, each with
   its own XLA:CPU options (``infra/xla_cpu.py``): XLA's best options for the gradient slow the update
-  of the parameters, and one program can have only one set. Measured 0.76–0.82× the single program's
-  time on the CIFAR-10 DDPM++ and NCSN++ at batch 4, the same on the digits demo (BENCHMARKS.md)."""
-  replicated = parallel.replicated(mesh)
-  batches_sharding = parallel.batch_sharding(mesh, example_ndim + 2, axis=1)
+  of the parameters, and one program can have only one set. Measured 0.76–0.83× the single program's
+  time on the CIFAR-10 DDPM++ and NCSN++ at batch 4, 0.96× on the digits demo (BENCHMARKS.md)."""
   gradient_step = losses.get_gradient_step(loss_fn)
 
   def gradient(state, xs, i):  # the batch is picked inside: a multi-host array is not indexable outside

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs.ve import digits_ncsnpp_continuous
+from scoresde import datasets
 from scoresde import likelihood
 from scoresde import losses
 from scoresde import run_lib
@@ -94,3 +95,29 @@ def test_nested_calls_run_as_plain_jits():
   np.testing.assert_allclose(jax.jit(lambda y: fn(x) + y)(0.), want, rtol=1e-6)  # constant argument
   np.testing.assert_allclose(jax.vmap(fn)(x), want, rtol=1e-6)
   np.testing.assert_allclose(jax.grad(lambda y: jnp.sum(fn(y)))(x), 2. * jnp.cos(x), rtol=1e-6)
+
+
+def test_split_cpu_step_matches_the_one_program_step():
+  """The CPU trainer's gradient + update programs give the one-program step's state and metrics."""
+  from configs.ve import toy_gmm  # pylint: disable=import-outside-toplevel
+  config = toy_gmm.get_config()
+  config.training.batch_size, config.training.n_jitted_steps = 8, 2
+  mesh = parallel.data_mesh()
+  model, variables = mutils.init_model(jax.random.PRNGKey(0), config)
+  optimizer = losses.get_optimizer(config)
+  sde = sde_lib.get_sde(config)
+  shape = (2, 8) + tuple(datasets.data_shape(config))
+  xs = parallel.shard_batch(mesh, np.random.default_rng(0).standard_normal(shape).astype(np.float32),
+                            axis=1)
+  results = []
+  for split in (True, False):
+    state = parallel.replicate(mesh, losses.init_train_state(
+        jax.random.PRNGKey(1), jax.tree.map(jnp.copy, variables['params']), optimizer))
+    step = run_lib.build_multi_step(config, sde, model, optimizer, mesh, split_on_cpu=split)
+    results.append(step(state, xs))
+  (split_state, split_metrics), (one_state, one_metrics) = results
+  assert int(split_state.step) == int(one_state.step) == 2
+  np.testing.assert_array_equal(split_state.rng, one_state.rng)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               (split_state.params, split_state.params_ema, split_state.opt_state, split_metrics),
+               (one_state.params, one_state.params_ema, one_state.opt_state, one_metrics))

@@ -4,7 +4,7 @@ On the CPU backend, XLA (jax 0.10) hands some fusions to the YNNPACK library by 
 CIFAR-10 NCSN++ and DDPM++ at batch 4 and the digits NCSN++ at 64 on a 2-core CPU
 (``benchmarks/cpu_flags.py``, BENCHMARKS.md "Where the CPU time goes"): a program that only runs the
 network forward (samplers, likelihoods, the eval loss, the anomaly residual) is fastest with no YNNPACK
-fusions (XLA's own convolutions): 0.82-0.86x the time. The training step's gradient is fastest with
+fusions (XLA's own convolutions): 0.71-0.88x the time. The training step's gradient is fastest with
 YNNPACK for elementwise fusions and matrix products only, but that set slows the optimizer and EMA
 update of the parameters (0.25 vs 0.14 s for 62M parameters), which keeps XLA's defaults: on CPU the
 trainer runs them as two programs (``run_lib``). The options go to ``jax.jit``'s ``compiler_options`` of
