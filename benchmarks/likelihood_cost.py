@@ -18,16 +18,25 @@ largest per example and that of the batch's mean. On the
 ``--digits_config``, e.g. ``make demo``'s runs/digits_ve), on 32 uniformly dequantized test digits through
 the trained network.
 
-  .venv/bin/python benchmarks/likelihood_cost.py [--part=eval|time|solvers|both] [--config=vp.cifar10_ddpmpp_continuous]
+Part 4 (``--part=control``, needs ``--workdir``): fewer evaluations at the same tolerance from the step-size
+control. On the same 32 digits, Dopri5 at rtol = atol = ``--control_tol`` with the library's solve, its
+``diffrax.PIDController`` replaced by one with other coefficients (I: the default; PI settings from
+diffrax's guide) or another error norm (RMS over image and log-density, the default; the max of the
+image's RMS and the log-density's error, so that it is not one of D + 1 components; the log-density
+alone; the max over all components); then the default control at looser tolerances.
+
+  .venv/bin/python benchmarks/likelihood_cost.py [--part=eval|time|solvers|control|both] [--config=vp.cifar10_ddpmpp_continuous]
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
 import sys
 import time
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -48,11 +57,13 @@ from scoresde import sde_lib
 from scoresde.models import utils as mutils
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('part', 'both', ['eval', 'time', 'solvers', 'both'],
+flags.DEFINE_enum('part', 'both', ['eval', 'time', 'solvers', 'control', 'both'],
                   'Which measurement to run (both: eval and time).')
 flags.DEFINE_string('workdir', '', 'Part 3: a trained digits workdir (e.g. runs/digits_ve).')
 flags.DEFINE_string('digits_config', 've.digits_ncsnpp_continuous', 'Part 3: configs.<this> of --workdir.')
 flags.DEFINE_bool('mixture', True, 'Part 3: include the 64-D mixture rows.')
+flags.DEFINE_float('control_tol', 1e-5, 'Part 4: rtol = atol of the step-size control variants.')
+flags.DEFINE_list('control_looser', ['2e-5', '3e-5', '5e-5', '1e-4'], 'Part 4: looser tolerances, default control.')
 flags.DEFINE_string('config', 'vp.cifar10_ddpmpp_continuous', 'configs.<this> for part 1.')
 flags.DEFINE_integer('nf', 32, 'model.nf for part 1.')
 flags.DEFINE_integer('batch', 4, 'Batch of part 1.')
@@ -150,30 +161,91 @@ def time_variable() -> None:
 SOLVER_TOLERANCES = (1e-5, 1e-4, 1e-3)
 
 
+def _library_solve(sde, score_fn, x, method: str, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
+  """(log p (B,) float64, NFE (B,), seconds of the compiled second call) by ``likelihood``'s own solve."""
+  fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=1, rtol=tol, atol=tol, eps=1e-5,
+                                        method=method, max_steps=20_000)
+  rng = jax.random.PRNGKey(1)
+  logp, _, nfe = fn(rng, score_fn, x)  # compiles
+  started = time.time()
+  logp, _, nfe = fn(rng, score_fn, x)
+  jax.block_until_ready(logp)
+  return np.asarray(logp, np.float64), np.asarray(nfe), time.time() - started
+
+
+def _errors(logp: np.ndarray, exact: np.ndarray, dims: int) -> str:
+  """'largest per-example error | error of the mean', in bits/dim."""
+  error = float(np.max(np.abs(logp - exact))) / (dims * math.log(2.))
+  mean_error = abs(float(np.mean(logp - exact))) / (dims * math.log(2.))
+  return f'{error:.1e} | {mean_error:.1e}'
+
+
 def _solver_rows(name: str, sde, score_fn, x, reference_tol: float, methods) -> None:
   """One table row per (solver, tolerance): NFE, seconds and bits/dim errors on x against Dopri8: the
   largest per example, and that of the mean over the examples (what a test-set figure would show)."""
   dims = math.prod(x.shape[1:])
-  rng = jax.random.PRNGKey(1)
-
-  def solve(method: str, tol: float):
-    fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=1, rtol=tol, atol=tol, eps=1e-5,
-                                          method=method, max_steps=20_000)
-    logp, _, nfe = fn(rng, score_fn, x)  # compiles
-    started = time.time()
-    logp, _, nfe = fn(rng, score_fn, x)
-    jax.block_until_ready(logp)
-    return np.asarray(logp, np.float64), np.asarray(nfe), time.time() - started
-  exact, exact_nfe, exact_seconds = solve('dopri8', reference_tol)
+  exact, exact_nfe, exact_seconds = _library_solve(sde, score_fn, x, 'dopri8', reference_tol)
   print(f'| {name} | dopri8 (reference) | {reference_tol:g} | {exact_nfe.mean():.0f} | {exact_nfe.max()} | '
         f'{exact_seconds:.2f} | 0 | 0 |', flush=True)
   for method in methods:
     for tol in SOLVER_TOLERANCES:
-      logp, nfe, seconds = solve(method, tol)
-      error = float(np.max(np.abs(logp - exact))) / (dims * math.log(2.))
-      mean_error = abs(float(np.mean(logp - exact))) / (dims * math.log(2.))
-      print(f'| {name} | {method} | {tol:g} | {nfe.mean():.0f} | {nfe.max()} | {seconds:.2f} | {error:.1e} | '
-            f'{mean_error:.1e} |', flush=True)
+      logp, nfe, seconds = _library_solve(sde, score_fn, x, method, tol)
+      print(f'| {name} | {method} | {tol:g} | {nfe.mean():.0f} | {nfe.max()} | {seconds:.2f} | '
+            f'{_errors(logp, exact, dims)} |', flush=True)
+
+
+def _digits_problem():
+  """(sde, score_fn, 32 uniformly dequantized test digits, step) of the ``--workdir`` checkpoint."""
+  config = importlib.import_module(f'configs.{FLAGS.digits_config}').get_config()
+  sde = sde_lib.get_sde(config)
+  variables, step = checkpointing.load_variables(config, FLAGS.workdir, ema=True)
+  score_fn = mutils.network_score_fn(config, sde, mutils.create_model(config), variables)
+  test = datasets.digits_split_indices('test')[:32]
+  levels = np.asarray(datasets._digits_raw()[test])  # pylint: disable=protected-access
+  u = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), levels.shape))
+  x = datasets.get_data_scaler(config)(((levels + u) / datasets.DIGITS_NUM_LEVELS)[..., None].astype(np.float32))
+  return sde, score_fn, jnp.asarray(x), step
+
+
+def _image_and_density_norm(tree) -> jax.Array:
+  """max(RMS of the image's scaled error, |the log-density's|): the density is not 1 of D + 1 parts."""
+  image, density = tree
+  return jnp.maximum(jnp.sqrt(jnp.mean(image**2)), jnp.abs(density))
+
+
+def _max_norm(tree) -> jax.Array:
+  return jnp.maximum(jnp.max(jnp.abs(tree[0])), jnp.abs(tree[1]))
+
+
+CONTROLS = (
+    ('I (default), RMS norm', {}),
+    ('PI 0.4 / 0.3', dict(pcoeff=0.4, icoeff=0.3)),
+    ('PI 0.3 / 0.3', dict(pcoeff=0.3, icoeff=0.3)),
+    ('PI 0.2 / 0.4', dict(pcoeff=0.2, icoeff=0.4)),
+    ('I, max(image RMS, log-density)', dict(norm=_image_and_density_norm)),
+    ('I, log-density only', dict(norm=lambda tree: jnp.abs(tree[1]))),
+    ('I, max norm', dict(norm=_max_norm)),
+)
+
+
+def control() -> None:
+  if not FLAGS.workdir:
+    raise app.UsageError('--part=control needs --workdir (a trained digits checkpoint).')
+  sde, score_fn, x, step = _digits_problem()
+  dims = math.prod(x.shape[1:])
+  exact, exact_nfe, _ = _library_solve(sde, score_fn, x, 'dopri8', 1e-6)
+  print(f'digits NCSN++ step {step}, 32 test digits; errors against Dopri8 at 1e-6 ({exact_nfe.mean():.0f} NFE), '
+        f'load {os.getloadavg()[0]:.1f}')
+  print('| step-size control | rtol = atol | NFE mean | NFE max | seconds | max bits/dim error | error of the mean |\n'
+        '|---|---|---|---|---|---|---|')
+  rows = [(label, kwargs, FLAGS.control_tol) for label, kwargs in CONTROLS]
+  rows += [(CONTROLS[0][0], {}, float(tol)) for tol in FLAGS.control_looser]
+  for label, kwargs, tol in rows:
+    controller = functools.partial(diffrax.PIDController, **kwargs)
+    with mock.patch.object(likelihood.diffrax, 'PIDController', controller):  # traced inside the call
+      logp, nfe, seconds = _library_solve(sde, score_fn, x, 'dopri5', tol)
+    print(f'| {label} | {tol:g} | {nfe.mean():.0f} | {nfe.max()} | {seconds:.1f} | {_errors(logp, exact, dims)} |',
+          flush=True)
 
 
 def solvers() -> None:
@@ -187,18 +259,11 @@ def solvers() -> None:
     _solver_rows(f'64-D mixture, {name}, exact score', sde, gaussian_mixture.isotropic_score_fn(sde, data), x, 1e-8,
                  every)
   if FLAGS.workdir:
-    config = importlib.import_module(f'configs.{FLAGS.digits_config}').get_config()
-    sde = sde_lib.get_sde(config)
-    variables, step = checkpointing.load_variables(config, FLAGS.workdir, ema=True)
-    score_fn = mutils.network_score_fn(config, sde, mutils.create_model(config), variables)
-    test = datasets.digits_split_indices('test')[:32]
-    levels = np.asarray(datasets._digits_raw()[test])  # pylint: disable=protected-access
-    u = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), levels.shape))
-    x = datasets.get_data_scaler(config)(((levels + u) / datasets.DIGITS_NUM_LEVELS)[..., None].astype(np.float32))
+    sde, score_fn, x, step = _digits_problem()
     # Not tighter: the float32 network's rounding keeps an error estimate from falling much below 1e-6,
     # and a solve at 1e-7 runs into its step limit.
     # Bosh3 (third order) is left out: on the mixtures it needs 2-3x Dopri5's evaluations at 1e-5.
-    _solver_rows(f'digits NCSN++ (step {step}), 32 test digits', sde, score_fn, jnp.asarray(x), 1e-6,
+    _solver_rows(f'digits NCSN++ (step {step}), 32 test digits', sde, score_fn, x, 1e-6,
                  ('dopri5', 'tsit5', 'dopri8'))
 
 
@@ -211,6 +276,8 @@ def main(argv):
     time_variable()
   if FLAGS.part == 'solvers':
     solvers()
+  if FLAGS.part == 'control':
+    control()
 
 
 if __name__ == '__main__':

@@ -8,9 +8,10 @@ zero, is not: otherwise the score is 0 and the ODE trivial), and writes its chec
 random images at rtol = atol = ``--tol``: the reference's ``likelihood.get_likelihood_fn`` (scipy RK45 over
 the flattened batch, drift and a VJP divergence: two network passes and a backward pass per evaluation)
 and ours (``likelihood.get_log_likelihood_fn``: diffrax Dopri5 with PID control per example, drift and
-divergence from one linearisation). Hutchinson probes differ between the two (each draws its own), so
-bits/dim agree to the estimator's noise, not exactly. Our compile time is reported apart; the timed
-solve is the second call.
+divergence from one linearisation), ours also at each of ``--our_tols``. Both use the same Rademacher
+probe (the reference's draw is replaced by ours), so their bits/dim differ by solver error only, and each
+is compared with the tight-tolerance value: ours with Dopri8 at rtol = atol = ``--truth_tol``. Our compile
+time is reported apart; the timed solve is the second call.
 
   .venv/bin/python benchmarks/likelihood_reference.py --reference_dir=/path/to/score_sde_pytorch
 """
@@ -23,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -40,6 +42,7 @@ from scoresde.porting import torch_port
 import torch_reference  # benchmarks/
 
 FLAGS = flags.FLAGS
+RNG = jax.random.PRNGKey(0)  # our probes; the reference is given the same
 flags.DEFINE_string('reference_dir', None, 'A score_sde_pytorch checkout.', required=True)
 flags.DEFINE_string('config', 'vp.cifar10_ddpmpp_continuous', 'Config name in both code bases.')
 flags.DEFINE_integer('nf', 32, 'model.nf for both.')
@@ -48,6 +51,8 @@ flags.DEFINE_integer('train_steps', 20, 'Reference training steps before the che
 flags.DEFINE_float('train_lr', 1e-3, 'Their learning rate (no warm-up): weights far enough from init.')
 flags.DEFINE_float('tol', 1e-5, 'rtol = atol of both solvers.')
 flags.DEFINE_integer('threads', 2, 'torch.set_num_threads for the reference.')
+flags.DEFINE_list('our_tols', [], 'Further rtol = atol values for our Dopri5 solve (error against the truth).')
+flags.DEFINE_float('truth_tol', 1e-6, 'rtol = atol of the Dopri8 solve taken as the tight value (0: none).')
 
 
 def _images(config, batch: int) -> np.ndarray:
@@ -55,6 +60,12 @@ def _images(config, batch: int) -> np.ndarray:
   rng = np.random.default_rng(0)
   shape = (batch, config.data.image_size, config.data.image_size, config.data.num_channels)
   return ((rng.integers(0, 256, shape) + rng.random(shape)) / 256.).astype(np.float32)
+
+
+def _probe(shape: tuple[int, ...]) -> np.ndarray:
+  """The Rademacher probe our solve draws from PRNGKey(0) (one per image, NHWC), for both solves."""
+  probes = likelihood._draw_probes(RNG, 'rademacher', shape, 1)  # pylint: disable=protected-access
+  return np.asarray(probes[:, 0])
 
 
 def reference(images: np.ndarray, checkpoint: str) -> tuple[np.ndarray, int, float]:
@@ -79,12 +90,17 @@ def reference(images: np.ndarray, checkpoint: str) -> tuple[np.ndarray, int, flo
   likelihood_fn = ref.modules['likelihood'].get_likelihood_fn(ref.sde, inverse_scaler, rtol=FLAGS.tol,
                                                               atol=FLAGS.tol)
   data = scaler(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
-  start = time.perf_counter()
-  bpd, _, nfe = likelihood_fn(ref.model, data)
-  return bpd.numpy(), int(nfe), time.perf_counter() - start
+  # Its probe is torch.randint_like(data, 0, 2) * 2 - 1: return ours as those {0, 1} draws.
+  bits = torch.from_numpy((_probe(images.shape) + 1.) / 2.).permute(0, 3, 1, 2).contiguous()
+  with mock.patch.object(ref.modules['likelihood'].torch, 'randint_like', lambda *a, **k: bits.clone()):
+    start = time.perf_counter()
+    bpd, _, nfe = likelihood_fn(ref.model, data)
+    seconds = time.perf_counter() - start
+  return bpd.numpy(), int(nfe), seconds
 
 
-def ours(images: np.ndarray, checkpoint: str) -> tuple[np.ndarray, np.ndarray, float, float]:
+def ours(images: np.ndarray, checkpoint: str, tol: float,
+         method: str = 'dopri5') -> tuple[np.ndarray, np.ndarray, float, float]:
   """(bits/dim, NFE per image, compile + first call seconds, timed call seconds) of ours."""
   config = importlib.import_module(f'configs.{FLAGS.config}').get_config()
   config.model.nf = FLAGS.nf
@@ -92,20 +108,26 @@ def ours(images: np.ndarray, checkpoint: str) -> tuple[np.ndarray, np.ndarray, f
   model = mutils.create_model(config)
   sde = sde_lib.get_sde(config)
   score_fn = mutils.get_score_fn(sde, model, variables, continuous=config.training.continuous)
-  fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=1, rtol=FLAGS.tol, atol=FLAGS.tol,
-                                        eps=1e-5, method='dopri5')
+  fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=1, rtol=tol, atol=tol,
+                                        eps=1e-5, method=method, max_steps=20_000)
   x = jnp.asarray(datasets.get_data_scaler(config)(images))
-  rng = jax.random.PRNGKey(0)
   start = time.perf_counter()
-  jax.block_until_ready(fn(rng, score_fn, x))
+  jax.block_until_ready(fn(RNG, score_fn, x))
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
-  logp, _, nfe = jax.block_until_ready(fn(rng, score_fn, x))
+  logp, _, nfe = jax.block_until_ready(fn(RNG, score_fn, x))
   timed = time.perf_counter() - start
   # The reference's conversion: -log p / (D ln 2) + 7 - inverse_scaler(-1) (= 7 on [-1, 1] data).
   offset = 7. - float(datasets.get_data_inverse_scaler(config)(-1.))
   bpd = -np.asarray(logp) / (math.prod(images.shape[1:]) * math.log(2.)) + offset
   return bpd, np.asarray(nfe), compile_s, timed
+
+
+def _errors(bpd: np.ndarray, truth: np.ndarray | None) -> str:
+  """'largest per-image error | error of the mean' against the tight value, in bits/dim."""
+  if truth is None:
+    return '— | —'
+  return f'{np.max(np.abs(bpd - truth)):.1e} | {abs(np.mean(bpd - truth)):.1e}'
 
 
 def main(argv):
@@ -115,16 +137,24 @@ def main(argv):
   with tempfile.TemporaryDirectory() as workdir:
     checkpoint = os.path.join(workdir, 'checkpoint.pth')
     ref_bpd, ref_nfe, ref_s = reference(images, checkpoint)
-    our_bpd, our_nfe, compile_s, our_s = ours(images, checkpoint)
+    truth = truth_nfe = None
+    if FLAGS.truth_tol:
+      truth, truth_nfe, _, truth_s = ours(images, checkpoint, FLAGS.truth_tol, 'dopri8')
+    runs = {float(tol): ours(images, checkpoint, float(tol)) for tol in [FLAGS.tol] + FLAGS.our_tols}
   print(f'# {FLAGS.config}, nf {FLAGS.nf}, {FLAGS.train_steps} reference steps, batch {FLAGS.batch}, '
-        f'rtol = atol = {FLAGS.tol}, jax {jax.__version__}, load {os.getloadavg()[0]:.1f}, '
-        f'{time.strftime("%Y-%m-%d")}')
-  print('| | seconds | NFE | bits/dim (per image) |\n|---|---|---|---|')
-  print(f'| reference (RK45 over the batch) | {ref_s:.1f} | {ref_nfe} | '
-        f'{", ".join(f"{b:.4f}" for b in ref_bpd)} |')
-  print(f'| ours (Dopri5 per example; compile {compile_s:.1f} s apart) | {our_s:.1f} | '
-        f'{our_nfe.mean():.0f} mean / {our_nfe.max()} max | {", ".join(f"{b:.4f}" for b in our_bpd)} |')
-  print(f'ours / reference: {our_s / ref_s:.2f} (with compile: {(our_s + compile_s) / ref_s:.2f})')
+        f'jax {jax.__version__}, load {os.getloadavg()[0]:.1f}, {time.strftime("%Y-%m-%d")}; errors against '
+        f'Dopri8 at rtol = atol = {FLAGS.truth_tol:g}, same probe')
+  print('| | rtol = atol | seconds | NFE | ours / reference | max bits/dim error | error of the mean | '
+        'bits/dim (per image) |\n|---|---|---|---|---|---|---|---|')
+  print(f'| reference (RK45 over the batch) | {FLAGS.tol:g} | {ref_s:.1f} | {ref_nfe} | 1 | '
+        f'{_errors(ref_bpd, truth)} | {", ".join(f"{b:.4f}" for b in ref_bpd)} |')
+  if truth is not None:
+    print(f'| ours, Dopri8 (the tight value) | {FLAGS.truth_tol:g} | {truth_s:.1f} | {truth_nfe.mean():.0f} | '
+          f'{truth_s / ref_s:.2f} | 0 | 0 | {", ".join(f"{b:.4f}" for b in truth)} |')
+  for tol, (bpd, nfe, compile_s, seconds) in runs.items():
+    print(f'| ours, Dopri5 per example (compile {compile_s:.1f} s apart) | {tol:g} | {seconds:.1f} | '
+          f'{nfe.mean():.0f} mean / {nfe.max()} max | {seconds / ref_s:.2f} | {_errors(bpd, truth)} | '
+          f'{", ".join(f"{b:.4f}" for b in bpd)} |', flush=True)
 
 
 if __name__ == '__main__':
