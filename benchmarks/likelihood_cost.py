@@ -166,11 +166,12 @@ def _library_solve(sde, score_fn, x, method: str, tol: float) -> tuple[np.ndarra
   fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=1, rtol=tol, atol=tol, eps=1e-5,
                                         method=method, max_steps=20_000)
   rng = jax.random.PRNGKey(1)
-  logp, _, nfe = fn(rng, score_fn, x)  # compiles
-  started = time.time()
-  logp, _, nfe = fn(rng, score_fn, x)
-  jax.block_until_ready(logp)
-  return np.asarray(logp, np.float64), np.asarray(nfe), time.time() - started
+  # Blocks on the compiling call too: otherwise its execution, still running asynchronously, is timed
+  # with the second (it was before 2026-12-07: BENCHMARKS.md's solver seconds of 2026-12-02 are ~2x).
+  jax.block_until_ready(fn(rng, score_fn, x))
+  started = time.perf_counter()
+  logp, _, nfe = jax.block_until_ready(fn(rng, score_fn, x))
+  return np.asarray(logp, np.float64), np.asarray(nfe), time.perf_counter() - started
 
 
 def _errors(logp: np.ndarray, exact: np.ndarray, dims: int) -> str:
