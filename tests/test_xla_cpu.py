@@ -83,6 +83,10 @@ def test_library_programs_ask_for_their_kind(monkeypatch):
   asked.clear()
   build(split_on_cpu=False)
   assert asked == ['training']
+  asked.clear()
+  monkeypatch.setenv(xla_cpu.ENV_SWITCH, '0')  # no options: the split would only cost
+  build()
+  assert asked == ['training']
 
 
 def test_nested_calls_run_as_plain_jits():

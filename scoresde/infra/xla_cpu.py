@@ -11,8 +11,10 @@ trainer runs them as two programs (``run_lib``). The options go to ``jax.jit``'s
 each program (``jit`` below), so one process holds every kind. ``training`` is the one-program step
 (XLA's defaults: with the gradient's set it is no faster and takes more memory).
 
-Only the CPU backend is affected. ``SCORESDE_XLA_CPU_TUNING=0`` turns the choice off (XLA's defaults),
-and an ``xla_cpu_experimental_ynn_fusion_type`` given in ``XLA_FLAGS`` is the user's choice and wins.
+Only the CPU backend is affected. ``SCORESDE_XLA_CPU_TUNING=0`` turns the choice off (XLA's defaults, and
+the trainer's step as one program again), and an ``xla_cpu_experimental_ynn_fusion_type`` given in
+``XLA_FLAGS`` is the user's choice and wins. The gain depends on the CPU: on an AMD Zen 4 the options
+change little and the split costs the DDPM++ step 10% (BENCHMARKS.md), where the switch helps.
 """
 
 from __future__ import annotations
@@ -43,11 +45,17 @@ def compiler_options(program: Program) -> dict[str, str] | None:
   """
   if program not in OPTIONS:
     raise ValueError(f'program must be one of {sorted(OPTIONS)}, got {program!r}.')
-  if os.environ.get(ENV_SWITCH, '1') == '0' or _YNN in os.environ.get('XLA_FLAGS', ''):
-    return None
-  if jax.default_backend() != 'cpu':
+  if not enabled():
     return None
   return dict(OPTIONS[program]) or None
+
+
+def enabled() -> bool:
+  """Whether programs get this module's options: on the CPU backend, unless ``SCORESDE_XLA_CPU_TUNING=0``
+  or the user's ``XLA_FLAGS`` sets the option for every program."""
+  if os.environ.get(ENV_SWITCH, '1') == '0' or _YNN in os.environ.get('XLA_FLAGS', ''):
+    return False
+  return jax.default_backend() == 'cpu'
 
 
 def _has_tracer(tree: Any) -> bool:
