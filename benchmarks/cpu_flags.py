@@ -8,7 +8,8 @@ compiled step
 (``run_lib.build_multi_step``: loss, gradient, Adam, clipping, EMA), each compiled twice — with XLA's
 default CPU options (``SCORESDE_XLA_CPU_TUNING=0``; the step as one program) and as the library builds
 it (the inference options; on CPU the step as a gradient and an update program, each with its options)
-— plus the one-program step under ``--candidate_step`` (a YNNPACK fusion set), then
+— plus the one-program step under ``--candidate_step`` (a YNNPACK fusion set) and the split step with
+each ``--candidate_gradient`` set for its gradient program, then
 ``--repeats`` calls of every variant interleaved, medians. Compile times are the first calls.
 
 ``--reference_dir`` points at a checkout of github.com/yang-song/score_sde_pytorch: its models are built
@@ -58,6 +59,9 @@ flags.DEFINE_integer('threads', 2, 'torch.set_num_threads for the reference.')
 flags.DEFINE_string('candidate_step', 'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_DOT',
                     'xla_cpu_experimental_ynn_fusion_type of a candidate training step timed beside the '
                     'library\'s (empty: none).')
+flags.DEFINE_list('candidate_gradient', [],
+                  'xla_cpu_experimental_ynn_fusion_type sets (`+` between LIBRARY_FUSION_TYPE_ suffixes, e.g. '
+                  'DOT+REDUCE; `none` for the empty set) for the gradient program of candidate split steps, each timed beside the library\'s.')
 
 Call = Callable[[], None]
 
@@ -118,7 +122,7 @@ def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
     calls[f'training step, {label}'] = (step_call, _seconds(step_call))
   if FLAGS.candidate_step:
     candidate = {'xla_cpu_experimental_ynn_fusion_type': FLAGS.candidate_step}
-    with mock.patch.dict(xla_cpu.OPTIONS, {'training': candidate}):
+    with mock.patch.dict(xla_cpu.table(), {'training': candidate}):
       step = run_lib.build_multi_step(config, sde, model, optimizer, mesh, split_on_cpu=False)
     holder = {'state': parallel.replicate(mesh, losses.init_train_state(
         jax.random.PRNGKey(1), jax.tree.map(jnp.copy, variables['params']), optimizer))}
@@ -127,6 +131,19 @@ def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
       h['state'], metrics = s(h['state'], data)
       jax.block_until_ready(metrics)
     calls[f'training step, candidate {FLAGS.candidate_step}'] = (candidate_call, _seconds(candidate_call))
+  for fusion_set in FLAGS.candidate_gradient:
+    types = '' if fusion_set == 'none' else ','.join(f'LIBRARY_FUSION_TYPE_{t}' for t in fusion_set.split('+'))
+    gradient = {'xla_cpu_experimental_ynn_fusion_type': types}
+    with mock.patch.dict(xla_cpu.table(), {'gradient': gradient}):
+      step = _with_tuning(True, lambda: run_lib.build_multi_step(config, sde, model, optimizer, mesh,
+                                                                 split_on_cpu=True))
+    holder = {'state': parallel.replicate(mesh, losses.init_train_state(
+        jax.random.PRNGKey(1), jax.tree.map(jnp.copy, variables['params']), optimizer))}
+
+    def split_call(s=step, h=holder):
+      h['state'], metrics = s(h['state'], data)
+      jax.block_until_ready(metrics)
+    calls[f'training step, split, gradient {fusion_set}'] = (split_call, _seconds(split_call))
   return calls
 
 

@@ -71,3 +71,16 @@ def build(reference_dir: str, config_name: str, threads: int,
                                continuous=config.training.continuous,
                                likelihood_weighting=config.training.likelihood_weighting)
   return Reference(config=config, model=model, state=state, sde=sde, step_fn=step_fn, modules=modules)
+
+
+def layers_module(reference_dir: str, threads: int) -> Any:
+  """The reference's ``models.layerspp`` (its NCSN++/DDPM++ blocks), on the CPU with ``threads`` threads."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.utils.cpp_extension as cpp_extension  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(threads)
+  cpp_extension.load = lambda *args, **kwargs: None  # the CUDA kernels; unused on the CPU
+  sys.path.insert(0, reference_dir)
+  try:
+    return importlib.import_module('models.layerspp')
+  finally:
+    sys.path.remove(reference_dir)

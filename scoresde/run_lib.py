@@ -267,15 +267,15 @@ def build_multi_step(config, sde: sde_lib.SDE, model, optimizer, mesh, *, split_
   batches (n, global_batch, ...) sharded on their batch axis (unrolled on CPU, see below); the state
   replicated and donated. Metrics are stacked per step.
 
-  On CPU each step is two programs unless ``split_on_cpu=False`` or the CPU options are off
-  (``xla_cpu.enabled``; ``_split_multi_step``); the single program is what accelerators run, and what
+  On CPU each step is two programs unless ``split_on_cpu=False`` or the CPU's options do not differ
+  between the gradient and the update (``xla_cpu.split_training``; ``_split_multi_step``); the single program is what accelerators run, and what
   ``benchmarks/memory_plan.py`` compiles.
   """
   loss_fn = losses.get_loss_fn(config, sde, model, train=True)
   replicated = parallel.replicated(mesh)
   batches_sharding = parallel.batch_sharding(mesh, len(datasets.data_shape(config)) + 2, axis=1)
   on_cpu = jax.default_backend() == 'cpu'
-  if on_cpu and split_on_cpu and xla_cpu.enabled():  # without per-program options a split only costs
+  if on_cpu and split_on_cpu and xla_cpu.split_training():  # one set for both halves: no split
     return _split_multi_step(config, loss_fn, optimizer, replicated, batches_sharding)
   train_step = losses.get_train_step(config, loss_fn, optimizer)
   if on_cpu:

@@ -19,20 +19,46 @@ from scoresde.models import utils as mutils
 cpu_only = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the options are for XLA:CPU')
 
 
-@cpu_only
-def test_each_program_has_its_options(monkeypatch):
+def _vendor(monkeypatch, vendor: str) -> None:
   monkeypatch.delenv(xla_cpu.ENV_SWITCH, raising=False)
   monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setattr(xla_cpu, 'cpu_vendor', lambda: vendor)
+
+
+@cpu_only
+@pytest.mark.parametrize('vendor', ['GenuineIntel', 'an unknown vendor'])
+def test_each_program_has_its_options_on_intel(monkeypatch, vendor):
+  _vendor(monkeypatch, vendor)  # other vendors get Intel's table
   inference, gradient = xla_cpu.compiler_options('inference'), xla_cpu.compiler_options('gradient')
   assert inference == {'xla_cpu_experimental_ynn_fusion_type': ''}
   assert gradient == {'xla_cpu_experimental_ynn_fusion_type':
                       'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_DOT'}
   assert xla_cpu.compiler_options('update') is None  # XLA's defaults: measured best for the update
   assert xla_cpu.compiler_options('training') is None
+  assert xla_cpu.split_training()
   inference['extra'] = '1'  # a copy: callers cannot change the table
   assert 'extra' not in xla_cpu.compiler_options('inference')
   with pytest.raises(ValueError, match='program must be one of'):
     xla_cpu.compiler_options('sampling')
+
+
+@cpu_only
+def test_amd_programs_hand_only_reductions_to_ynnpack(monkeypatch):
+  _vendor(monkeypatch, 'AuthenticAMD')
+  for program in ('inference', 'gradient', 'update', 'training'):
+    assert xla_cpu.compiler_options(program) == {'xla_cpu_experimental_ynn_fusion_type':
+                                                 'LIBRARY_FUSION_TYPE_REDUCE'}
+  assert not xla_cpu.split_training()  # one set for both halves: the step stays one program
+
+
+def test_cpu_vendor_is_read_from_cpuinfo():
+  vendor = xla_cpu.cpu_vendor()
+  try:
+    with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
+      expected = next((line.split(':', 1)[1].strip() for line in f if line.startswith('vendor_id')), '')
+  except OSError:
+    expected = ''
+  assert vendor == expected
 
 
 @cpu_only
@@ -46,18 +72,24 @@ def test_switched_off_or_overridden_by_the_user(monkeypatch, env):
 
 
 @cpu_only
-def test_inference_options_keep_convolutions_in_xla():
+@pytest.mark.parametrize('vendor', ['GenuineIntel', 'AuthenticAMD'])
+def test_inference_options_keep_convolutions_in_xla(monkeypatch, vendor):
   """At this size XLA hands the convolution and its epilogue to YNNPACK by default; the inference
-  options keep it in XLA (if a jax upgrade changes this, the measured choice must be redone)."""
+  options keep it in XLA, and AMD's hand a reduction to YNNPACK (if a jax upgrade changes this, the
+  measured choice must be redone)."""
+  _vendor(monkeypatch, vendor)
   def conv_tanh(x, w):
     return jnp.tanh(jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + 1.)
   x, w = jnp.ones((4, 16, 16, 32)), jnp.ones((3, 3, 32, 32))
+  options = xla_cpu.compiler_options('inference')
   default = jax.jit(conv_tanh).lower(x, w).compile().as_text()
-  inference = jax.jit(conv_tanh, compiler_options=xla_cpu.compiler_options('inference')).lower(
-      x, w).compile().as_text()
+  inference = jax.jit(conv_tanh, compiler_options=options).lower(x, w).compile().as_text()
   assert '__ynn_fusion' in default
   assert '__ynn_fusion' not in inference
+  channel_means = jax.jit(lambda x: jnp.mean(x, axis=(1, 2)), compiler_options=options).lower(
+      x).compile().as_text()
+  assert ('__ynn_fusion' in channel_means) == (vendor == 'AuthenticAMD')
 
 
 def test_library_programs_ask_for_their_kind(monkeypatch):
@@ -78,12 +110,18 @@ def test_library_programs_ask_for_their_kind(monkeypatch):
   model = mutils.create_model(config)  # built, not traced: nothing compiles
   build = lambda **kw: run_lib.build_multi_step(config, sde_lib.get_sde(config), model,
                                                 losses.get_optimizer(config), parallel.data_mesh(), **kw)
+  monkeypatch.setattr(xla_cpu, 'cpu_vendor', lambda: 'GenuineIntel')
   build()
   assert asked == (['gradient', 'update'] if jax.default_backend() == 'cpu' else ['training'])
   asked.clear()
   build(split_on_cpu=False)
   assert asked == ['training']
   asked.clear()
+  monkeypatch.setattr(xla_cpu, 'cpu_vendor', lambda: 'AuthenticAMD')  # one set for both halves
+  build()
+  assert asked == ['training']
+  asked.clear()
+  monkeypatch.setattr(xla_cpu, 'cpu_vendor', lambda: 'GenuineIntel')
   monkeypatch.setenv(xla_cpu.ENV_SWITCH, '0')  # no options: the split would only cost
   build()
   assert asked == ['training']

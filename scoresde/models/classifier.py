@@ -28,14 +28,15 @@ import jax
 import jax.numpy as jnp
 
 from scoresde import sde_lib
+from scoresde.models import layers
 from scoresde.models import layerspp
 from scoresde.models import utils as mutils
 
 Array = jax.Array
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=min(channels // 4, 32), epsilon=1e-6)
+def _group_norm(channels: int) -> layers.GroupNorm:
+  return layers.GroupNorm(num_groups=min(channels // 4, 32))
 
 
 class _WideResNetBlock(nn.Module):

@@ -28,8 +28,8 @@ def num_groups(channels: int) -> int:
   return min(channels // 4, 32)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=num_groups(channels), use_fast_variance=False)
+def group_norm(channels: int) -> layers.GroupNorm:
+  return layers.GroupNorm(num_groups=num_groups(channels))
 
 
 def residual_sum(x: Array, h: Array, skip_rescale: bool) -> Array:
