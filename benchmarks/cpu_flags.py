@@ -79,6 +79,17 @@ def _with_tuning(enabled: bool, build: Callable[[], object]):
       os.environ[xla_cpu.ENV_SWITCH] = saved
 
 
+def _step_call(step, params, optimizer, mesh, data) -> Call:
+  """A call of the compiled training ``step`` on its own copy of the state (each step donates it)."""
+  holder = {'state': parallel.replicate(mesh, losses.init_train_state(
+      jax.random.PRNGKey(1), jax.tree.map(jnp.copy, params), optimizer))}
+
+  def call():
+    holder['state'], metrics = step(holder['state'], data)
+    jax.block_until_ready(metrics)
+  return call
+
+
 def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
   """Variant name -> (a timed call, its compile + first-call seconds)."""
   config.training.batch_size = batch
@@ -104,19 +115,13 @@ def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
     # (on CPU a gradient and an update program, each with its options).
     step = _with_tuning(enabled, lambda: run_lib.build_multi_step(config, sde, model, optimizer, mesh,
                                                                   split_on_cpu=enabled))
-    params = jax.tree.map(jnp.copy, variables['params'])  # each step donates its own state
-    holder = {'state': parallel.replicate(mesh, losses.init_train_state(jax.random.PRNGKey(1), params,
-                                                                        optimizer))}
-
     def forward_call(f=forward):
       jax.block_until_ready(f(variables))
 
     def tangent_call(f=tangent):
       jax.block_until_ready(f(variables))
 
-    def step_call(s=step, h=holder):
-      h['state'], metrics = s(h['state'], data)
-      jax.block_until_ready(metrics)
+    step_call = _step_call(step, variables['params'], optimizer, mesh, data)
     calls[f'forward, {label}'] = (forward_call, _seconds(forward_call))
     calls[f'forward + tangent, {label}'] = (tangent_call, _seconds(tangent_call))
     calls[f'training step, {label}'] = (step_call, _seconds(step_call))
@@ -124,12 +129,7 @@ def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
     candidate = {'xla_cpu_experimental_ynn_fusion_type': FLAGS.candidate_step}
     with mock.patch.dict(xla_cpu.table(), {'training': candidate}):
       step = run_lib.build_multi_step(config, sde, model, optimizer, mesh, split_on_cpu=False)
-    holder = {'state': parallel.replicate(mesh, losses.init_train_state(
-        jax.random.PRNGKey(1), jax.tree.map(jnp.copy, variables['params']), optimizer))}
-
-    def candidate_call(s=step, h=holder):
-      h['state'], metrics = s(h['state'], data)
-      jax.block_until_ready(metrics)
+    candidate_call = _step_call(step, variables['params'], optimizer, mesh, data)
     calls[f'training step, candidate {FLAGS.candidate_step}'] = (candidate_call, _seconds(candidate_call))
   for fusion_set in FLAGS.candidate_gradient:
     types = '' if fusion_set == 'none' else ','.join(f'LIBRARY_FUSION_TYPE_{t}' for t in fusion_set.split('+'))
@@ -137,12 +137,7 @@ def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
     with mock.patch.dict(xla_cpu.table(), {'gradient': gradient}):
       step = _with_tuning(True, lambda: run_lib.build_multi_step(config, sde, model, optimizer, mesh,
                                                                  split_on_cpu=True))
-    holder = {'state': parallel.replicate(mesh, losses.init_train_state(
-        jax.random.PRNGKey(1), jax.tree.map(jnp.copy, variables['params']), optimizer))}
-
-    def split_call(s=step, h=holder):
-      h['state'], metrics = s(h['state'], data)
-      jax.block_until_ready(metrics)
+    split_call = _step_call(step, variables['params'], optimizer, mesh, data)
     calls[f'training step, split, gradient {fusion_set}'] = (split_call, _seconds(split_call))
   return calls
 
