@@ -268,8 +268,8 @@ def build_multi_step(config, sde: sde_lib.SDE, model, optimizer, mesh, *, split_
   replicated and donated. Metrics are stacked per step.
 
   On CPU each step is two programs unless ``split_on_cpu=False`` or the CPU's options do not differ
-  between the gradient and the update (``xla_cpu.split_training``; ``_split_multi_step``); the single program is what accelerators run, and what
-  ``benchmarks/memory_plan.py`` compiles.
+  between the gradient and the update (``xla_cpu.split_training``; ``_split_multi_step``); the single
+  program is what accelerators run, and what ``benchmarks/memory_plan.py`` compiles.
   """
   loss_fn = losses.get_loss_fn(config, sde, model, train=True)
   replicated = parallel.replicated(mesh)
@@ -297,8 +297,9 @@ def build_multi_step(config, sde: sde_lib.SDE, model, optimizer, mesh, *, split_
 def _split_multi_step(config, loss_fn, optimizer, replicated, batches_sharding):
   """CPU: every step as two compiled programs, the gradient and the optimizer + EMA update, each with
   its own XLA:CPU options (``infra/xla_cpu.py``): XLA's best options for the gradient slow the update
-  of the parameters, and one program can have only one set. Measured 0.76–0.83× the single program's
-  time on the CIFAR-10 DDPM++ and NCSN++ at batch 4, 0.96× on the digits demo (BENCHMARKS.md)."""
+  of the parameters, and one program can have only one set. Measured on an Intel Sapphire Rapids:
+  0.76–0.83× the single program's time on the CIFAR-10 DDPM++ and NCSN++ at batch 4, 0.96× on the
+  digits demo (BENCHMARKS.md). Used where the CPU's table asks for it (``xla_cpu.split_training``)."""
   gradient_step = losses.get_gradient_step(loss_fn)
 
   def gradient(state, xs, i):  # the batch is picked inside: a multi-host array is not indexable outside
