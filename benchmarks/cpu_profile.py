@@ -42,9 +42,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
+from scoresde.infra import xla_cpu
 from scoresde.models import layers
 from scoresde.models import layerspp
-from scoresde.infra import xla_cpu
 from scoresde.models import utils as mutils
 import torch_reference  # benchmarks/
 
@@ -210,12 +210,10 @@ def _group_norms(kind: str):
   """Temporarily builds the models' GroupNorms as ``kind``: 'ours' (as they are), 'flax two-pass',
   'one-pass', 'none'."""
   saved = layers.group_norm_32, layerspp.group_norm
-  if kind == 'flax two-pass':
-    layers.group_norm_32 = lambda: nn.GroupNorm(num_groups=32, use_fast_variance=False)
-    layerspp.group_norm = lambda c: nn.GroupNorm(num_groups=layerspp.num_groups(c), use_fast_variance=False)
-  elif kind == 'one-pass':
-    layers.group_norm_32 = lambda: nn.GroupNorm(num_groups=32, use_fast_variance=True)
-    layerspp.group_norm = lambda c: nn.GroupNorm(num_groups=layerspp.num_groups(c), use_fast_variance=True)
+  if kind in ('flax two-pass', 'one-pass'):
+    fast = kind == 'one-pass'
+    layers.group_norm_32 = lambda: nn.GroupNorm(num_groups=32, use_fast_variance=fast)
+    layerspp.group_norm = lambda c: nn.GroupNorm(num_groups=layerspp.num_groups(c), use_fast_variance=fast)
   elif kind == 'none':
     layers.group_norm_32 = _Identity
     layerspp.group_norm = lambda c: _Identity()

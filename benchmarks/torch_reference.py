@@ -44,14 +44,20 @@ def _import(reference_dir: str, config_name: str) -> tuple[dict[str, Any], Any]:
   return modules, config
 
 
+def _prepare_torch(threads: int) -> None:
+  """torch on ``threads`` CPU threads, with the reference's CUDA-only extensions stubbed before import."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.utils.cpp_extension as cpp_extension  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(threads)
+  cpp_extension.load = lambda *args, **kwargs: None  # the CUDA kernels; unused on the CPU
+
+
 def build(reference_dir: str, config_name: str, threads: int,
           adjust: Callable[[Any], None] = lambda config: None) -> Reference:
   """The reference's model for its config ``config_name`` (changed by ``adjust`` first), seeded, with
   Adam, EMA and its training step, on the CPU with ``threads`` threads."""
   import torch  # pylint: disable=import-outside-toplevel
-  import torch.utils.cpp_extension as cpp_extension  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(threads)
-  cpp_extension.load = lambda *args, **kwargs: None  # the CUDA kernels; unused on the CPU
+  _prepare_torch(threads)
   modules, config = _import(reference_dir, config_name)
   config.device = torch.device('cpu')
   adjust(config)
@@ -75,10 +81,7 @@ def build(reference_dir: str, config_name: str, threads: int,
 
 def layers_module(reference_dir: str, threads: int) -> Any:
   """The reference's ``models.layerspp`` (its NCSN++/DDPM++ blocks), on the CPU with ``threads`` threads."""
-  import torch  # pylint: disable=import-outside-toplevel
-  import torch.utils.cpp_extension as cpp_extension  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(threads)
-  cpp_extension.load = lambda *args, **kwargs: None  # the CUDA kernels; unused on the CPU
+  _prepare_torch(threads)
   sys.path.insert(0, reference_dir)
   try:
     return importlib.import_module('models.layerspp')
