@@ -2,7 +2,7 @@
 
 Part 1 (``--part=eval``): the probability-flow drift of a network (default the CIFAR-shaped DDPM++ at
 nf 32, random init, batch 4) timed alone and with the divergence probe product three ways: ``jax.linearize``
-then one JVP (what ``likelihood._drift_and_divergence`` does), ``jax.jvp``, and ``jax.vjp`` (the reference's
+then one JVP (what the likelihood's vector field does), ``jax.jvp``, and ``jax.vjp`` (the reference's
 autograd formulation, grad of ε·f). Medians of interleaved calls, printed as ratios to the forward pass.
 
 Part 2 (``--part=time``): the adaptive likelihood solve (Dopri5 + PID, one Rademacher probe) of a 64-D
@@ -19,7 +19,8 @@ largest per example and that of the batch's mean. On the
 the trained network.
 
 Part 4 (``--part=control``, needs ``--workdir``): fewer evaluations at the same tolerance from the step-size
-control. On the same 32 digits, Dopri5 at rtol = atol = ``--control_tol`` with the library's solve, its
+control. On the same 32 digits, Dopri5 at rtol = atol = ``--control_tol`` solved by diffrax on the joint state
+(the library's solve before 2026-12-07, ``ode_solvers.solve_with_quadrature`` now takes the same steps), its
 ``diffrax.PIDController`` replaced by one with other coefficients (I: the default; PI settings from
 diffrax's guide) or another error norm (RMS over image and log-density, the default; the max of the
 image's RMS and the log-density's error, so that it is not one of D + 1 components; the log-density
@@ -36,7 +37,6 @@ import math
 import os
 import sys
 import time
-from unittest import mock
 
 from absl import app
 from absl import flags
@@ -113,8 +113,9 @@ def eval_cost() -> None:
     print(f'| {name} | {np.median(values) * 1e3:.1f} | {np.median(values) / base:.2f} |')
 
 
-def _solve(sde, score_fn, x, probes, variable: str, tol: float, eps: float = 1e-5):
-  """(log p (B,), NFE (B,)) by the probability-flow ODE in t or in u = log ρ(t)."""
+def _solve(sde, score_fn, x, probes, variable: str, tol: float, eps: float = 1e-5, **controller):
+  """(log p (B,), NFE (B,)) by the probability-flow ODE in t or in u = log ρ(t), solved by diffrax's
+  Dopri5 on the joint state with ``diffrax.PIDController(rtol=tol, atol=tol, **controller)``."""
   drift_of = sde.reverse(score_fn, probability_flow=True)
   bounds = (eps, sde.T)
   if variable == 'log_snr':
@@ -134,7 +135,7 @@ def _solve(sde, score_fn, x, probes, variable: str, tol: float, eps: float = 1e-
       return value * dt_ds, jnp.sum(jvp(probe) * probe) * dt_ds
     solution = diffrax.diffeqsolve(
         diffrax.ODETerm(field), diffrax.Dopri5(), t0=bounds[0], t1=bounds[1], dt0=None,
-        y0=(xi, jnp.zeros(())), stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+        y0=(xi, jnp.zeros(())), stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol, **controller),
         saveat=diffrax.SaveAt(t1=True), max_steps=20_000)
     return solution.ys[0][0], solution.ys[1][0], solution.stats['num_steps']
   z, delta, steps = jax.jit(jax.vmap(one))(x, probes)
@@ -241,10 +242,16 @@ def control() -> None:
         '|---|---|---|---|---|---|---|')
   rows = [(label, kwargs, FLAGS.control_tol) for label, kwargs in CONTROLS]
   rows += [(CONTROLS[0][0], {}, float(tol)) for tol in FLAGS.control_looser]
+  # The probes of _library_solve's rng.
+  probes = likelihood._draw_probes(  # pylint: disable=protected-access
+      jax.random.PRNGKey(1), 'rademacher', x.shape, 1)[:, 0]
   for label, kwargs, tol in rows:
-    controller = functools.partial(diffrax.PIDController, **kwargs)
-    with mock.patch.object(likelihood.diffrax, 'PIDController', controller):  # traced inside the call
-      logp, nfe, seconds = _library_solve(sde, score_fn, x, 'dopri5', tol)
+    solve = jax.jit(functools.partial(_solve, sde, score_fn, variable='t', tol=tol, **kwargs))
+    jax.block_until_ready(solve(x, probes))
+    started = time.perf_counter()
+    logp, nfe = jax.block_until_ready(solve(x, probes))
+    seconds = time.perf_counter() - started
+    logp, nfe = np.asarray(logp, np.float64), np.asarray(nfe)
     print(f'| {label} | {tol:g} | {nfe.mean():.0f} | {nfe.max()} | {seconds:.1f} | {_errors(logp, exact, dims)} |',
           flush=True)
 
