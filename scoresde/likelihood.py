@@ -19,9 +19,9 @@ one primal evaluation and P Jacobian-vector products per ODE evaluation, no reve
 Solver: ``ode_solvers.solve_with_quadrature``, diffrax's adaptive Runge-Kutta methods and PID step-size
 controller with the log-density as a quadrature: the divergence is computed only at the stages whose
 weight is not zero (Dopri5: 5 of its 6 evaluations per step), and the first step is Hairer's heuristic
-(as scipy's RK45, the reference's solver) rather than diffrax's fixed 0.01, which leaves the fast start
-of the log-density's integrand under-resolved; jitted and run on the device that holds the batch (the
-reference calls scipy on the host at every evaluation).
+(as scipy's RK45, the reference's solver) capped at diffrax's fixed 0.01, which alone leaves a fast
+start of the log-density's integrand under-resolved (see ``ode_solvers.solve_with_quadrature``); jitted
+and run on the device that holds the batch (the reference calls scipy on the host at every evaluation).
 """
 
 from __future__ import annotations
