@@ -66,7 +66,8 @@ class QuadratureSolution(NamedTuple):
   successful: Array
 
 
-# diffrax's first trial step: its heuristic does not run inside diffeqsolve (see ``solve_with_quadrature``).
+# diffrax's first trial step with dt0=None: its heuristic does not run inside diffeqsolve, which wraps the
+# term whose type the heuristic checks for.
 DIFFRAX_FIRST_STEP = 0.01
 # field(t, y) -> (f(t, y), g): g() computes the quadrature's integrand at the same point, on demand.
 QuadratureField = Callable[[Array, Array], tuple[Array, Callable[[], Array]]]
@@ -117,11 +118,10 @@ def solve_with_quadrature(field: QuadratureField, t0: float, t1: float, y0: Arra
   SOLVERS[method](), PIDController(rtol, atol), dt0=first_step)`` on the joint state (y, q), error norm
   included: with ``first_step=DIFFRAX_FIRST_STEP`` (what diffrax does with ``dt0=None``) a solve attempts
   the same steps and returns the same values to float rounding (tests/test_ode_solvers.py). What differs
-  is the price: g is computed only at the stages
-  whose weight in the solution or in the error estimate is not zero. For the likelihood, g is the
-  divergence and costs a Jacobian-vector product (about one more network pass, see BENCHMARKS
-  "Likelihood"); Dopri5's second stage (c = 1/5) and four of Dopri8's stages have zero weights, so a
-  Dopri5 step costs 6 network passes and 5 tangent passes instead of 6 and 6.
+  is the price: g is computed only at the stages whose weight in the solution or in the error estimate
+  is not zero. For the likelihood, g is the divergence and costs a Jacobian-vector product (about one
+  more network pass, see BENCHMARKS "Likelihood"); Dopri5's second stage (c = 1/5) and four of Dopri8's
+  stages have zero weights, so a Dopri5 step costs 6 network passes and 5 tangent passes, not 6 and 6.
 
   Args:
     field: ``field(t, y) -> (f, g_fn)`` with ``g_fn()`` the integrand (a scalar) at (t, y); it is called
@@ -153,7 +153,6 @@ def solve_with_quadrature(field: QuadratureField, t0: float, t1: float, y0: Arra
   def weighted(coefficients, ks):
     return jnp.tensordot(jnp.asarray(coefficients, dtype), ks, axes=1)
 
-  # diffrax's first-step heuristic is skipped inside diffeqsolve, which wraps the term it checks for.
   f0, g0 = evaluate(t0, y0, True)
   if first_step is None:
     h = _hairer_first_step(lambda t, y: evaluate(t, y, False)[0], t0, t1, y0, f0, rtol, atol, tableau.exponent)
@@ -211,8 +210,8 @@ def _next_end(t_start: Array, t1: Array, h: Array, error: Array, keep: Array, ex
 
 def _hairer_first_step(drift, t0, t1, y0, f0, rtol, atol, exponent) -> Array:
   """Hairer, Nørsett, Wanner (1993), Sec. II.4: a first step from the sizes of y0, f0 and the change of f
-  over a trial step h0 (one more evaluation of the drift). Both steps stay inside [t0, t1] (as scipy's
-  version: beyond T a VE drift overflows), and a non-finite result falls back to h0."""
+  over a trial step h0 (one more evaluation of the drift). The trial step stays inside [t0, t1] (as in
+  scipy's version: beyond T a VE drift overflows), and a non-finite result falls back to h0."""
   scale = atol + rtol * jnp.abs(y0)
   d0, d1 = _rms(y0 / scale), _rms(f0 / scale)
   tiny = (d0 < 1e-5) | (d1 < 1e-5)
