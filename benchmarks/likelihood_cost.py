@@ -166,13 +166,18 @@ def _library_solve(sde, score_fn, x, method: str, tol: float) -> tuple[np.ndarra
   """(log p (B,) float64, NFE (B,), seconds of the compiled second call) by ``likelihood``'s own solve."""
   fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=1, rtol=tol, atol=tol, eps=1e-5,
                                         method=method, max_steps=20_000)
-  rng = jax.random.PRNGKey(1)
+  (logp, _, nfe), seconds = _second_call(fn, jax.random.PRNGKey(1), score_fn, x)
+  return np.asarray(logp, np.float64), np.asarray(nfe), seconds
+
+
+def _second_call(fn, *args):
+  """(fn(*args), seconds of that call), timed after a first, compiling call."""
   # Blocks on the compiling call too: otherwise its execution, still running asynchronously, is timed
   # with the second (it was before 2026-12-07: BENCHMARKS.md's solver seconds of 2026-12-02 are ~2x).
-  jax.block_until_ready(fn(rng, score_fn, x))
+  jax.block_until_ready(fn(*args))
   started = time.perf_counter()
-  logp, _, nfe = jax.block_until_ready(fn(rng, score_fn, x))
-  return np.asarray(logp, np.float64), np.asarray(nfe), time.perf_counter() - started
+  result = jax.block_until_ready(fn(*args))
+  return result, time.perf_counter() - started
 
 
 def _errors(logp: np.ndarray, exact: np.ndarray, dims: int) -> str:
@@ -247,10 +252,7 @@ def control() -> None:
       jax.random.PRNGKey(1), 'rademacher', x.shape, 1)[:, 0]
   for label, kwargs, tol in rows:
     solve = jax.jit(functools.partial(_solve, sde, score_fn, variable='t', tol=tol, **kwargs))
-    jax.block_until_ready(solve(x, probes))
-    started = time.perf_counter()
-    logp, nfe = jax.block_until_ready(solve(x, probes))
-    seconds = time.perf_counter() - started
+    (logp, nfe), seconds = _second_call(solve, x, probes)
     logp, nfe = np.asarray(logp, np.float64), np.asarray(nfe)
     print(f'| {label} | {tol:g} | {nfe.mean():.0f} | {nfe.max()} | {seconds:.1f} | {_errors(logp, exact, dims)} |',
           flush=True)

@@ -8,8 +8,9 @@ zero, is not: otherwise the score is 0 and the ODE trivial), and writes its chec
 random images at rtol = atol = ``--tol``: the reference's ``likelihood.get_likelihood_fn`` (scipy RK45 over
 the flattened batch, drift and a VJP divergence: two network passes and a backward pass per evaluation)
 and ours (``likelihood.get_log_likelihood_fn``: Dopri5 with diffrax's PID control per example, drift and
-divergence from one linearisation, the divergence skipped at the stage whose weight is zero), ours also at each of ``--our_tols``. Both use the same Rademacher
-probe (the reference's draw is replaced by ours), so their bits/dim differ by solver error only, and each
+divergence from one linearisation, the divergence skipped at the stage whose weight is zero), ours also
+at each of ``--our_tols``. Both use the same Rademacher probe (the reference's draw is replaced by
+ours), so their bits/dim differ by solver error only, and each
 is compared with the tight-tolerance value: ours with Dopri8 at rtol = atol = ``--truth_tol``. Our compile
 time is reported apart; the timed solve is the second call.
 
