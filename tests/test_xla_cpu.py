@@ -139,6 +139,21 @@ def test_nested_calls_run_as_plain_jits():
   np.testing.assert_allclose(jax.grad(lambda y: jnp.sum(fn(y)))(x), 2. * jnp.cos(x), rtol=1e-6)
 
 
+@cpu_only
+def test_lowering_compiles_the_tuned_program(monkeypatch):
+  """Ahead-of-time users (the memory plan) lower the function: they get the program that runs, with its
+  options."""
+  _vendor(monkeypatch, 'AuthenticAMD')
+  def channel_means(x):
+    return jnp.mean(x, axis=(1, 2))
+  x = jnp.ones((4, 16, 16, 32))
+  compiled = xla_cpu.jit(channel_means, 'training').lower(x).compile()
+  assert '__ynn_fusion' in compiled.as_text()  # AMD's reductions in YNNPACK: the options are in effect
+  assert compiled.memory_analysis().output_size_in_bytes == 4 * 32 * 4
+  _vendor(monkeypatch, 'GenuineIntel')  # Intel's inference set: no YNNPACK at all
+  assert '__ynn_fusion' not in xla_cpu.jit(channel_means, 'inference').lower(x).compile().as_text()
+
+
 def test_split_cpu_step_matches_the_one_program_step():
   """The CPU trainer's gradient + update programs give the one-program step's state and metrics."""
   from configs.ve import toy_gmm  # pylint: disable=import-outside-toplevel

@@ -107,6 +107,8 @@ def jit(fun: Callable, program: Program, **jit_kwargs) -> Callable:
   XLA takes ``compiler_options`` only for a top-level program: called inside another transformation
   (``jit``, ``vmap``, ``grad`` of a caller: its arguments are tracers, or an enclosing ``jit`` is being
   traced), ``fun`` runs as a plain nested ``jit`` and the enclosing program's options apply.
+  ``.lower`` is the tuned program's, so that ahead-of-time analyses (``benchmarks/memory_plan.py``)
+  see what runs.
   """
   options = compiler_options(program)
   plain = jax.jit(fun, **jit_kwargs)
@@ -124,4 +126,5 @@ def jit(fun: Callable, program: Program, **jit_kwargs) -> Callable:
       if 'compiler_options' not in str(err):
         raise
       return plain(*args, **kwargs)
+  call.lower = tuned.lower
   return call
