@@ -9,7 +9,8 @@ compiled step
 default CPU options (``SCORESDE_XLA_CPU_TUNING=0``; the step as one program) and as the library builds
 it (the inference options; on CPU the step as a gradient and an update program, each with its options)
 — plus the one-program step under ``--candidate_step`` (a YNNPACK fusion set) and the split step with
-each ``--candidate_gradient`` set for its gradient program, then
+each ``--candidate_gradient`` set for its gradient program, and with ``--halves`` the step's gradient and
+update apart (ours as the library's two programs, the reference's loss + backward and clip + Adam + EMA), then
 ``--repeats`` calls of every variant interleaved, medians. Compile times are the first calls.
 
 ``--reference_dir`` points at a checkout of github.com/yang-song/score_sde_pytorch: its models are built
@@ -62,6 +63,11 @@ flags.DEFINE_string('candidate_step', 'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSIO
 flags.DEFINE_list('candidate_gradient', [],
                   'xla_cpu_experimental_ynn_fusion_type sets (`+` between LIBRARY_FUSION_TYPE_ suffixes, e.g. '
                   'DOT+REDUCE; `none` for the empty set) for the gradient program of candidate split steps, each timed beside the library\'s.')
+
+flags.DEFINE_bool('halves', False,
+                  'Also time the step\'s two halves apart: ours the gradient and the optimizer + EMA update '
+                  'programs (the library\'s training options), the reference its loss + backward and its '
+                  'clip + Adam + EMA.')
 
 Call = Callable[[], None]
 
@@ -125,6 +131,8 @@ def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
     calls[f'forward, {label}'] = (forward_call, _seconds(forward_call))
     calls[f'forward + tangent, {label}'] = (tangent_call, _seconds(tangent_call))
     calls[f'training step, {label}'] = (step_call, _seconds(step_call))
+  if FLAGS.halves:
+    calls.update(_our_halves(config, sde, model, optimizer, variables['params'], x))
   if FLAGS.candidate_step:
     candidate = {'xla_cpu_experimental_ynn_fusion_type': FLAGS.candidate_step}
     with mock.patch.dict(xla_cpu.table(), {'training': candidate}):
@@ -140,6 +148,24 @@ def ours(config, batch: int) -> dict[str, tuple[Call, float]]:
     split_call = _step_call(step, variables['params'], optimizer, mesh, data)
     calls[f'training step, split, gradient {fusion_set}'] = (split_call, _seconds(split_call))
   return calls
+
+
+def _our_halves(config, sde, model, optimizer, params, x) -> dict[str, tuple[Call, float]]:
+  """The step's gradient and update as two programs with the library's training options."""
+  state = losses.init_train_state(jax.random.PRNGKey(1), params, optimizer)
+  gradient = xla_cpu.jit(losses.get_gradient_step(losses.get_loss_fn(config, sde, model, train=True)),
+                         'training')
+  update = xla_cpu.jit(losses.get_update_step(config, optimizer), 'training')
+  halves = {'args': None}
+
+  def gradient_call():
+    halves['args'] = jax.block_until_ready(gradient(state, x))
+
+  def update_call():  # the state is not donated: every call updates the same one
+    jax.block_until_ready(update(state, *halves['args']))
+  gradient_seconds = _seconds(gradient_call)
+  return {'gradient, tuned': (gradient_call, gradient_seconds),
+          'update, tuned': (update_call, _seconds(update_call))}
 
 
 def reference(name: str, batch: int) -> dict[str, tuple[Call, float]]:
@@ -162,8 +188,32 @@ def reference(name: str, batch: int) -> dict[str, tuple[Call, float]]:
 
   def step_call():
     ref.step_fn(ref.state, x)
-  return {'forward, reference': (forward_call, _seconds(forward_call)),
-          'training step, reference': (step_call, _seconds(step_call))}
+  calls = {'forward, reference': (forward_call, _seconds(forward_call)),
+           'training step, reference': (step_call, _seconds(step_call))}
+  if FLAGS.halves:
+    calls.update(_reference_halves(ref, x))
+  return calls
+
+
+def _reference_halves(ref, x) -> dict[str, tuple[Call, float]]:
+  """The reference's step split as ours: loss + backward, then clip + Adam and the EMA update."""
+  config, losses_module = ref.config, ref.modules['losses']
+  loss_fn = losses_module.get_sde_loss_fn(ref.sde, train=True, reduce_mean=config.training.reduce_mean,
+                                          continuous=config.training.continuous,
+                                          likelihood_weighting=config.training.likelihood_weighting)
+  optimize_fn = losses_module.optimization_manager(config)
+  state = ref.state
+
+  def gradient_call():
+    state['optimizer'].zero_grad()
+    loss_fn(state['model'], x).backward()
+
+  def update_call():
+    optimize_fn(state['optimizer'], state['model'].parameters(), step=state['step'])
+    state['ema'].update(state['model'].parameters())
+  gradient_seconds = _seconds(gradient_call)
+  return {'gradient, reference': (gradient_call, gradient_seconds),
+          'update, reference': (update_call, _seconds(update_call))}
 
 
 def _seconds(call: Call) -> float:
@@ -191,11 +241,11 @@ def main(argv):
     median = {variant: float(np.median(ts)) for variant, ts in times.items()}
     for variant, (_, compile_s) in calls.items():
       kind = variant.split(',')[0]
-      base = median[f'{kind}, XLA defaults']
+      base = median.get(f'{kind}, XLA defaults')  # none for the halves
       ref = median.get(f'{kind}, reference')
       print(f'| {name} | {variant} | {compile_s:.1f} | {median[variant]:.3f} | '
-            f'{median[variant] / base:.2f} | {f"{median[variant] / ref:.2f}" if ref else "—"} |',
-            flush=True)
+            f'{f"{median[variant] / base:.2f}" if base else "—"} | '
+            f'{f"{median[variant] / ref:.2f}" if ref else "—"} |', flush=True)
 
 
 if __name__ == '__main__':

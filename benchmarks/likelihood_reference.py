@@ -7,12 +7,13 @@ zero, is not: otherwise the score is 0 and the ODE trivial), and writes its chec
 (``porting.torch_port``, raw weights) and both evaluate bits/dim of the same ``--batch`` dequantized
 random images at rtol = atol = ``--tol``: the reference's ``likelihood.get_likelihood_fn`` (scipy RK45 over
 the flattened batch, drift and a VJP divergence: two network passes and a backward pass per evaluation)
-and ours (``likelihood.get_log_likelihood_fn``: Dopri5 with diffrax's PID control per example, drift and
-divergence from one linearisation, the divergence skipped at the stage whose weight is zero), ours also
-at each of ``--our_tols``. Both use the same Rademacher probe (the reference's draw is replaced by
-ours), so their bits/dim differ by solver error only, and each
-is compared with the tight-tolerance value: ours with Dopri8 at rtol = atol = ``--truth_tol``. Our compile
-time is reported apart; the timed solve is the second call.
+and ours (``likelihood.get_log_likelihood_fn``: Dopri5 with diffrax's integral step-size control per
+example, as ``ode_solvers.solve_with_quadrature`` rebuilds it, drift and divergence from one
+linearisation, the divergence skipped at the stage whose weight is zero), ours also at each of
+``--our_tols``. Both use the same Rademacher probe (the reference's draw is replaced by ours), so their
+bits/dim differ by solver error only, and each is compared with the tight-tolerance value: ours with
+Dopri8 at rtol = atol = ``--truth_tol``. Our compile time is reported apart; the timed solve is the
+second call.
 
   .venv/bin/python benchmarks/likelihood_reference.py --reference_dir=/path/to/score_sde_pytorch
 """
