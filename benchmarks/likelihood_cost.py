@@ -57,14 +57,13 @@ from scoresde import sde_lib
 from scoresde.models import utils as mutils
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('part', 'both', ['eval', 'time', 'solvers', 'control', 'quadrature', 'both'],
+flags.DEFINE_enum('part', 'both', ['eval', 'time', 'solvers', 'control', 'both'],
                   'Which measurement to run (both: eval and time).')
 flags.DEFINE_string('workdir', '', 'Part 3: a trained digits workdir (e.g. runs/digits_ve).')
 flags.DEFINE_string('digits_config', 've.digits_ncsnpp_continuous', 'Part 3: configs.<this> of --workdir.')
 flags.DEFINE_bool('mixture', True, 'Part 3: include the 64-D mixture rows.')
 flags.DEFINE_float('control_tol', 1e-5, 'Part 4: rtol = atol of the step-size control variants.')
 flags.DEFINE_list('control_looser', ['2e-5', '3e-5', '5e-5', '1e-4'], 'Part 4: looser tolerances, default control.')
-flags.DEFINE_list('quadrature_tols', ['1e-5', '3e-5', '1e-4'], 'Part 5: rtol = atol of both quadrature rules.')
 flags.DEFINE_string('config', 'vp.cifar10_ddpmpp_continuous', 'configs.<this> for part 1.')
 flags.DEFINE_integer('nf', 32, 'model.nf for part 1.')
 flags.DEFINE_integer('batch', 4, 'Batch of part 1.')
@@ -163,11 +162,10 @@ def time_variable() -> None:
 SOLVER_TOLERANCES = (1e-5, 1e-4, 1e-3)
 
 
-def _library_solve(sde, score_fn, x, method: str, tol: float,
-                   quadrature: str = 'stages') -> tuple[np.ndarray, np.ndarray, float]:
+def _library_solve(sde, score_fn, x, method: str, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
   """(log p (B,) float64, NFE (B,), seconds of the compiled second call) by ``likelihood``'s own solve."""
   fn = likelihood.get_log_likelihood_fn(sde, 'rademacher', num_probes=1, rtol=tol, atol=tol, eps=1e-5,
-                                        method=method, max_steps=20_000, quadrature=quadrature)
+                                        method=method, max_steps=20_000)
   (logp, _, nfe), seconds = _second_call(fn, jax.random.PRNGKey(1), score_fn, x)
   return np.asarray(logp, np.float64), np.asarray(nfe), seconds
 
@@ -279,30 +277,6 @@ def solvers() -> None:
                  ('dopri5', 'tsit5', 'dopri8'))
 
 
-def quadrature() -> None:
-  print('| data | log-density quadrature | rtol = atol | NFE mean | NFE max | seconds | max bits/dim error | '
-        'error of the mean |\n|---|---|---|---|---|---|---|---|')
-  problems = []
-  for name, sde in (('VP', sde_lib.VPSDE(0.1, 20., 1000)), ('sub-VP', sde_lib.subVPSDE(0.1, 20., 1000)),
-                    ('VE', sde_lib.VESDE(0.01, 50., 1000))) if FLAGS.mixture else ():
-    data = gaussian_mixture.default_mixture(64, separation=1., std=0.3)
-    problems.append((f'64-D mixture, {name}, exact score', sde, gaussian_mixture.isotropic_score_fn(sde, data),
-                     data.sample(jax.random.PRNGKey(0), 16), 1e-8))
-  if FLAGS.workdir:
-    sde, score_fn, x, step = _digits_problem()
-    problems.append((f'digits NCSN++ (step {step}), 32 test digits', sde, score_fn, x, 1e-6))
-  for name, sde, score_fn, x, reference_tol in problems:
-    dims = math.prod(x.shape[1:])
-    exact, exact_nfe, exact_seconds = _library_solve(sde, score_fn, x, 'dopri8', reference_tol)
-    print(f'| {name} | dopri8, stages (reference) | {reference_tol:g} | {exact_nfe.mean():.0f} | {exact_nfe.max()} | '
-          f'{exact_seconds:.2f} | 0 | 0 |', flush=True)
-    for tol in FLAGS.quadrature_tols:
-      for rule in ode_solvers.QUADRATURES:
-        logp, nfe, seconds = _library_solve(sde, score_fn, x, 'dopri5', float(tol), rule)
-        print(f'| {name} | dopri5, {rule} | {float(tol):g} | {nfe.mean():.0f} | {nfe.max()} | {seconds:.2f} | '
-              f'{_errors(logp, exact, dims)} |', flush=True)
-
-
 def main(argv):
   del argv
   print(f'jax {jax.__version__}, {jax.devices()[0].platform}, {time.strftime("%Y-%m-%d")}')
@@ -314,8 +288,6 @@ def main(argv):
     solvers()
   if FLAGS.part == 'control':
     control()
-  if FLAGS.part == 'quadrature':
-    quadrature()
 
 
 if __name__ == '__main__':

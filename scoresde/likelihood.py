@@ -113,7 +113,7 @@ def _divergence(jvp: Callable[[Array], Array], y: Array, probes: Array, exact: b
 
 def _log_likelihood(sde: sde_lib.SDE, rng: Array, score_fn: ScoreFn, x: Array, *,
                     hutchinson_type: str, num_probes: int, rtol: float, atol: float, eps: float,
-                    method: str, max_steps: int, quadrature: str, mesh) -> tuple[Array, Array, Array]:
+                    method: str, max_steps: int, mesh) -> tuple[Array, Array, Array]:
   """Traceable core of ``get_log_likelihood_fn`` (see there)."""
   x = jnp.asarray(x, jnp.float32)
   probes = _draw_probes(rng, hutchinson_type, x.shape, num_probes)
@@ -132,7 +132,7 @@ def _log_likelihood(sde: sde_lib.SDE, rng: Array, score_fn: ScoreFn, x: Array, *
 
     solution = ode_solvers.solve_with_quadrature(
         field, eps, sde.T, x_i, jnp.zeros((), jnp.float32), method=method, rtol=rtol, atol=atol,
-        max_steps=max_steps, quadrature=quadrature)
+        max_steps=max_steps)
     return solution.y, jnp.where(solution.successful, solution.q, jnp.nan), solution.nfe
 
   # One solve per example: each gets the step sizes its own error estimate asks for (see docstring).
@@ -145,8 +145,7 @@ def _log_likelihood(sde: sde_lib.SDE, rng: Array, score_fn: ScoreFn, x: Array, *
 
 
 def get_log_likelihood_fn(sde: sde_lib.SDE, hutchinson_type: str, *, num_probes: int, rtol: float,
-                          atol: float, eps: float, method: str, max_steps: int = 4096,
-                          quadrature: str = 'stages') -> LikelihoodFn:
+                          atol: float, eps: float, method: str, max_steps: int = 4096) -> LikelihoodFn:
   """``fn(rng, score_fn, x) -> (logp (B,) nats, z like x, nfe (B,) int32)``: log p_eps(x) by eq. (D.2).
 
   The settings have no defaults here: theirs live in the default configs (``config.eval``).
@@ -181,8 +180,7 @@ def get_log_likelihood_fn(sde: sde_lib.SDE, hutchinson_type: str, *, num_probes:
   _check_options(sde, hutchinson_type, num_probes, rtol, atol, eps, method, max_steps)
   mesh = parallel.data_mesh() if jax.device_count() > 1 else None
   options = dict(hutchinson_type=hutchinson_type, num_probes=int(num_probes), rtol=float(rtol),
-                 atol=float(atol), eps=float(eps), method=method, max_steps=int(max_steps), quadrature=quadrature,
-                 mesh=mesh)
+                 atol=float(atol), eps=float(eps), method=method, max_steps=int(max_steps), mesh=mesh)
   jitted = xla_cpu.jit(lambda rng, score_tree, x: _log_likelihood(sde, rng, score_tree, x, **options),
                        'inference')
 
@@ -248,7 +246,7 @@ def _dequantizer_tree(dequantizer: Dequantizer | None) -> jax.tree_util.Partial:
 
 def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels: int,
                       hutchinson_type: str, num_probes: int, rtol: float, atol: float, eps: float,
-                      method: str, max_steps: int = 4096, quadrature: str = 'stages') -> LikelihoodFn:
+                      method: str, max_steps: int = 4096) -> LikelihoodFn:
   """``fn(rng, score_fn, levels, dequantizer=None) -> (bpd (B,), z, nfe (B,))``: bits/dim of discrete data.
 
   ``levels`` are the data's integer values in {0, ..., L-1} (L = ``num_levels``: 256 for 8-bit
@@ -284,8 +282,7 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable, *, num_levels:
   offset = dequantization_offset_bits(inverse_scaler, num_levels)
   mesh = parallel.data_mesh() if jax.device_count() > 1 else None
   options = dict(hutchinson_type=hutchinson_type, num_probes=int(num_probes), rtol=float(rtol),
-                 atol=float(atol), eps=float(eps), method=method, max_steps=int(max_steps), quadrature=quadrature,
-                 mesh=mesh)
+                 atol=float(atol), eps=float(eps), method=method, max_steps=int(max_steps), mesh=mesh)
 
   def bits_per_dim(rng, score_fn, levels, dequantizer):
     v, log_q = _dequantized(dequantizer, rng, levels, num_levels)

@@ -108,37 +108,20 @@ def _rms(*parts: Array) -> Array:
   return jnp.sqrt(squares / sum(p.size for p in parts))
 
 
-# How the quadrature's integral over a step is formed (see ``solve_with_quadrature``).
-QUADRATURES = ('stages', 'multistep')
-# Accepted steps taken with the stage rule before 'multistep' has the four points its cubic needs.
-_STARTUP_STEPS = 2
-# Two-point Gauss-Legendre on [0, 1]: exact for the cubic (and the quadratic) through the step ends.
-_GAUSS_NODES = (0.5 - 0.5 / np.sqrt(3.), 0.5 + 0.5 / np.sqrt(3.))
-
-
 def solve_with_quadrature(field: QuadratureField, t0: float, t1: float, y0: Array, q0: Array, *,
                           method: str, rtol: float, atol: float, max_steps: int,
-                          first_step: float | None = None, quadrature: str = 'stages') -> QuadratureSolution:
+                          first_step: float | None = None) -> QuadratureSolution:
   """Solves dy/dt = f(t, y) from t0 to t1 together with the quadrature dq/dt = g(t, y), which does not
   feed back into y; for one example (``vmap`` it over a batch).
 
   The method and the PID (integral-only) step-size controller are diffrax's ``diffeqsolve(ODETerm,
   SOLVERS[method](), PIDController(rtol, atol), dt0=first_step)`` on the joint state (y, q), error norm
-  included: with ``first_step=DIFFRAX_FIRST_STEP`` and ``quadrature='stages'`` (what diffrax does with
-  ``dt0=None``) a solve attempts the same steps and returns the same values to float rounding
-  (tests/test_ode_solvers.py). What differs is the price of g, which for the likelihood is the divergence
-  and costs a Jacobian-vector product (about one more network pass, see BENCHMARKS "Likelihood"):
-
-  - ``'stages'``: q is integrated by the method's own weights, so g is computed at the stages whose
-    weight in the solution or in the error estimate is not zero. Dopri5's second stage (c = 1/5) and four
-    of Dopri8's stages have zero weights, so a Dopri5 step costs 6 network passes and 5 tangent passes.
-  - ``'multistep'``: g only at each step's end (the last stage, which the next step reuses), and q over
-    the step by the cubic through g at the last four step ends (the variable-step Adams-Moulton idea:
-    Hairer, Nørsett, Wanner, Sec. III.5, applied to a pure quadrature), its error estimate the
-    difference from the quadratic through the last three. A Dopri5 step costs 6 network passes and one
-    tangent pass. The first ``_STARTUP_STEPS`` accepted steps use the stage rule, because a cubic needs
-    four points and the integrand can change fastest at the start (the VP score carries 1/σ(t)).
-    Both rules are exact for cubic integrands; y's steps are the method's either way.
+  included: with ``first_step=DIFFRAX_FIRST_STEP`` (what diffrax does with ``dt0=None``) a solve attempts
+  the same steps and returns the same values to float rounding (tests/test_ode_solvers.py). What differs
+  is the price: g is computed only at the stages whose weight in the solution or in the error estimate
+  is not zero. For the likelihood, g is the divergence and costs a Jacobian-vector product (about one
+  more network pass, see BENCHMARKS "Likelihood"); Dopri5's second stage (c = 1/5) and four of Dopri8's
+  stages have zero weights, so a Dopri5 step costs 6 network passes and 5 tangent passes, not 6 and 6.
 
   Args:
     field: ``field(t, y) -> (f, g_fn)`` with ``g_fn()`` the integrand (a scalar) at (t, y); it is called
@@ -156,10 +139,7 @@ def solve_with_quadrature(field: QuadratureField, t0: float, t1: float, y0: Arra
       (3e-4 against 8.6e-4 bits/dim per image at 1e-5, BENCHMARKS "Likelihood"); where it changes slowly
       (VE) it picks a larger one (0.046 on the digits model), which y's error allows but the
       log-density's start does not (7.5e-3 against 3.1e-3 per image): hence the cap.
-    quadrature: one of ``QUADRATURES``, above.
   """
-  if quadrature not in QUADRATURES:
-    raise ValueError(f'quadrature={quadrature!r}: choose one of {QUADRATURES}.')
   tableau = _tableau(method)
   stages = tableau.c.size
   dtype = y0.dtype
@@ -181,95 +161,36 @@ def solve_with_quadrature(field: QuadratureField, t0: float, t1: float, y0: Arra
     h = first_step
   t_next = jnp.minimum(t0 + h, t1)
 
-  def attempt(state: _State, needed: np.ndarray):
-    """The stages of the step from state.t to state.t_end: (h, y at its end, the stages' f and g)."""
-    h = state.t_end - state.t
+  def step(state):
+    t, t_end, y, q, f, g, num_steps = state
+    h = t_end - t
 
     def stage(ks, row):
       ks_y, ks_q = ks
       i, c_i, a_i, need_i = row
-      value, integrand = evaluate(state.t + c_i * h, state.y + h * weighted(a_i, ks_y), need_i)
+      value, integrand = evaluate(t + c_i * h, y + h * weighted(a_i, ks_y), need_i)
       return (ks_y.at[i].set(value), ks_q.at[i].set(integrand)), None
-    ks = (jnp.zeros((stages,) + state.y.shape, dtype).at[0].set(state.f),
-          jnp.zeros((stages,), dtype).at[0].set(state.history_g[-1]))
+    ks = (jnp.zeros((stages,) + y.shape, dtype).at[0].set(f), jnp.zeros((stages,), dtype).at[0].set(g))
     rows = (jnp.arange(1, stages), jnp.asarray(tableau.c[1:], dtype), jnp.asarray(tableau.a[1:], dtype),
-            jnp.asarray(needed[1:]))
+            jnp.asarray(tableau.quadrature[1:]))
     (ks_y, ks_q), _ = jax.lax.scan(stage, ks, rows)
-    return h, state.y + h * weighted(tableau.b, ks_y), h * weighted(tableau.e, ks_y), ks_y, ks_q
-
-  def advance(state: _State, h, y_new, y_error, ks_y, q_new, q_error, g_end) -> _State:
-    error = _rms(_scaled_error(state.y, y_new, y_error, rtol, atol),
-                 _scaled_error(state.q, q_new, q_error, rtol, atol))
+    y_new, q_new = y + h * weighted(tableau.b, ks_y), q + h * weighted(tableau.b, ks_q)
+    error = _rms(_scaled_error(y, y_new, h * weighted(tableau.e, ks_y), rtol, atol),
+                 _scaled_error(q, q_new, h * weighted(tableau.e, ks_q), rtol, atol))
     keep = error < 1
-    t_start = jnp.minimum(jnp.where(keep, state.t_end, state.t), t1)
+    t_start = jnp.minimum(jnp.where(keep, t_end, t), t1)
+    t_next = _next_end(t_start, t1, h, error, keep, tableau.exponent)
     keep_or = lambda new, old: jnp.where(keep, new, old)
-    return _State(
-        t=t_start, t_end=_next_end(t_start, t1, h, error, keep, tableau.exponent), y=keep_or(y_new, state.y),
-        q=keep_or(q_new, state.q), f=keep_or(ks_y[-1], state.f),
-        history_t=keep_or(jnp.append(state.history_t[1:], state.t_end), state.history_t),
-        history_g=keep_or(jnp.append(state.history_g[1:], g_end), state.history_g),
-        num_steps=state.num_steps + 1, accepted=state.accepted + keep.astype(jnp.int32))
+    return (t_start, t_next, keep_or(y_new, y), keep_or(q_new, q), keep_or(ks_y[-1], f),
+            keep_or(ks_q[-1], g), num_steps + 1)
 
-  def stage_rule_step(state: _State) -> _State:
-    h, y_new, y_error, ks_y, ks_q = attempt(state, tableau.quadrature)
-    return advance(state, h, y_new, y_error, ks_y, state.q + h * weighted(tableau.b, ks_q),
-                   h * weighted(tableau.e, ks_q), ks_q[-1])
+  def unfinished(state):
+    return (state[0] < t1) & (state[6] < max_steps)
 
-  def multistep_step(state: _State) -> _State:
-    needed = np.zeros(stages, bool)
-    needed[-1] = True
-    h, y_new, y_error, ks_y, ks_q = attempt(state, needed)
-    s = jnp.append((state.history_t - state.t) / h, 1.)
-    g = jnp.append(state.history_g, ks_q[-1])
-    cubic, quadratic = _interpolant_mean(s, g), _interpolant_mean(s[1:], g[1:])
-    return advance(state, h, y_new, y_error, ks_y, state.q + h * cubic, h * (cubic - quadratic), ks_q[-1])
-
-  def unfinished(state: _State) -> Array:
-    return (state.t < t1) & (state.num_steps < max_steps)
-
-  history = jnp.full((_STARTUP_STEPS + 1,), jnp.nan, dtype)
-  state = _State(t=t0, t_end=t_next, y=y0, q=q0, f=f0, history_t=history.at[-1].set(t0),
-                 history_g=history.at[-1].set(g0), num_steps=jnp.zeros((), jnp.int32),
-                 accepted=jnp.zeros((), jnp.int32))
-  if quadrature == 'stages':
-    state = jax.lax.while_loop(unfinished, stage_rule_step, state)
-  else:
-    # Two loops rather than a branch on the accepted count: that count differs between the examples of a
-    # vmapped batch, and a batched branch would compute both rules' integrands at every step.
-    state = jax.lax.while_loop(lambda s: unfinished(s) & (s.accepted < _STARTUP_STEPS), stage_rule_step, state)
-    state = jax.lax.while_loop(unfinished, multistep_step, state)
-  nfe = num_evaluations(method, state.num_steps) + (1 if first_step is None else 0)
-  return QuadratureSolution(y=state.y, q=state.q, num_steps=state.num_steps, nfe=nfe, successful=state.t >= t1)
-
-
-class _State(NamedTuple):
-  """``solve_with_quadrature``'s loop state: the step from t to t_end is attempted next; f = f(t, y);
-  history_t/g: the last step ends and g there (the last is t itself, earlier ones NaN until reached)."""
-  t: Array
-  t_end: Array
-  y: Array
-  q: Array
-  f: Array
-  history_t: Array
-  history_g: Array
-  num_steps: Array
-  accepted: Array
-
-
-def _interpolant_mean(s: Array, g: Array) -> Array:
-  """The mean over [0, 1] of the polynomial through the points (s_j, g_j) (up to four: exact by two-point
-  Gauss-Legendre), its values at the Gauss nodes in Lagrange form: products of differences, which stay
-  accurate in float32 where a Vandermonde solve with far-away earlier nodes would not."""
-  n = s.shape[0]
-  mean = jnp.zeros((), g.dtype)
-  for u in _GAUSS_NODES:
-    for j in range(n):
-      basis = 1.
-      for k in range(n):
-        if k != j:
-          basis = basis * (u - s[k]) / (s[j] - s[k])
-      mean = mean + 0.5 * g[j] * basis
-  return mean
+  t, _, y, q, _, _, num_steps = jax.lax.while_loop(
+      unfinished, step, (t0, t_next, y0, q0, f0, g0, jnp.zeros((), jnp.int32)))
+  nfe = num_evaluations(method, num_steps) + (1 if first_step is None else 0)
+  return QuadratureSolution(y=y, q=q, num_steps=num_steps, nfe=nfe, successful=t >= t1)
 
 
 def _scaled_error(y: Array, y_new: Array, error: Array, rtol: float, atol: float) -> Array:
