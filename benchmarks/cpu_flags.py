@@ -11,7 +11,9 @@ it (the inference options; on CPU the step as a gradient and an update program, 
 — plus the one-program step under ``--candidate_step`` (a YNNPACK fusion set) and the split step with
 each ``--candidate_gradient`` set for its gradient program, and with ``--halves`` the step's gradient and
 update apart (ours as the library's two programs, the reference's loss + backward and clip + Adam + EMA), then
-``--repeats`` calls of every variant interleaved, medians. Compile times are the first calls.
+``--repeats`` calls of every variant interleaved, medians (of the time and of the minor page faults a call
+takes: memory fresh from the kernel). Compile times are the first calls. The header names the process's C
+allocator (run it under ``LD_PRELOAD=.../libtcmalloc_minimal.so.4`` to time both sides with tcmalloc).
 
 ``--reference_dir`` points at a checkout of github.com/yang-song/score_sde_pytorch: its models are built
 from its own config of the same name and timed the same way (``torch.set_num_threads(--threads)``, its
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import resource
 import sys
 import time
 from typing import Callable
@@ -45,6 +48,7 @@ from scoresde import datasets
 from scoresde import losses
 from scoresde import run_lib
 from scoresde import sde_lib
+from scoresde.infra import host_allocator
 from scoresde.infra import parallel
 from scoresde.infra import xla_cpu
 from scoresde.models import utils as mutils
@@ -222,22 +226,30 @@ def _seconds(call: Call) -> float:
   return time.perf_counter() - start
 
 
+def _minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def main(argv):
   del argv
   load = os.getloadavg()[0]
   print(f'# {os.cpu_count()} CPUs, jax {jax.__version__}, batch {FLAGS.batch}, load {load:.1f} at start, '
-        f'{time.strftime("%Y-%m-%d")}')
-  print('| config | variant | compile + 1st call (s) | median (s) | / XLA defaults | / reference |')
-  print('|---|---|---|---|---|---|')
+        f'{time.strftime("%Y-%m-%d")}, allocator: {host_allocator.allocator()}')
+  print('| config | variant | compile + 1st call (s) | median (s) | / XLA defaults | / reference | '
+        'page faults / call |')
+  print('|---|---|---|---|---|---|---|')
   for name in FLAGS.configs:
     config = importlib.import_module(f'configs.{name}').get_config()
     calls = ours(config, FLAGS.batch)
     if FLAGS.reference_dir:
       calls.update(reference(name, FLAGS.batch))
     times = {variant: [] for variant in calls}
+    faults = {variant: [] for variant in calls}
     for _ in range(FLAGS.repeats):  # interleaved: every variant sees the same load
       for variant, (call, _) in calls.items():
+        before = _minor_faults()
         times[variant].append(_seconds(call))
+        faults[variant].append(_minor_faults() - before)
     median = {variant: float(np.median(ts)) for variant, ts in times.items()}
     for variant, (_, compile_s) in calls.items():
       kind = variant.split(',')[0]
@@ -245,7 +257,8 @@ def main(argv):
       ref = median.get(f'{kind}, reference')
       print(f'| {name} | {variant} | {compile_s:.1f} | {median[variant]:.3f} | '
             f'{f"{median[variant] / base:.2f}" if base else "—"} | '
-            f'{f"{median[variant] / ref:.2f}" if ref else "—"} |', flush=True)
+            f'{f"{median[variant] / ref:.2f}" if ref else "—"} | {int(np.median(faults[variant])):,} |',
+            flush=True)
 
 
 if __name__ == '__main__':

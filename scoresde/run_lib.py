@@ -29,6 +29,7 @@ import numpy as np
 from scoresde import checkpointing
 from scoresde import datasets
 from scoresde import dequantization_training
+from scoresde.infra import host_allocator
 from scoresde.infra import images
 from scoresde import losses
 from scoresde.infra import parallel
@@ -368,6 +369,8 @@ def train(config, workdir: str, allow_config_change: bool = False) -> losses.Tra
   last_log_time, last_log_step = time.time(), step
   logging.info('training from step %d to %d, %d steps per host call, global batch %d on %d devices',
                initial_step, n_iters, n_jitted, training.batch_size, jax.device_count())
+  if (advice := host_allocator.advice()) is not None:
+    logging.info(advice)
   try:
     while step < n_iters:
       n = _chunk_length(step, n_jitted, n_iters)
