@@ -6,9 +6,9 @@ fresh pages from the kernel (``mmap``; from a worker thread's arena it always do
 page-faults and zeroes them again (about 190,000 faults) and unmaps them afterwards. tcmalloc keeps
 freed memory for reuse: preloaded, the CIFAR-10 NCSN++ and DDPM++ steps took 0.87-0.91x the time on a
 2-core AMD EPYC, the PyTorch reference's DDPM++ step 0.94-0.95x (BENCHMARKS.md, "Where the CPU time
-goes"). glibc tunables that keep the memory
-(one arena, no mmap) removed the faults but not the time, and jemalloc's defaults return the memory as
-glibc does; neither helped.
+goes"). glibc tunables that keep the memory (one arena, no mmap) removed the faults but not the time,
+and jemalloc's defaults return the memory as glibc does; neither helped. tcmalloc holds on to the peak:
+the process's resident memory does not shrink between steps.
 
 The allocator is chosen when the process starts, so the library can only say which one runs
 (``allocator``) and suggest the other (``advice``, logged when CPU training starts).
