@@ -23,18 +23,24 @@ def test_allocator_is_read_from_the_mapped_libraries(library, expected):
   assert host_allocator.allocator_in(maps) == expected
 
 
-def test_this_process_runs_on_glibc_unless_preloaded():
-  if 'LD_PRELOAD' in os.environ:
-    pytest.skip('an allocator is preloaded into the test process')
-  assert host_allocator.allocator() == 'glibc malloc'
+def _allocator_of_a_python_started_with(preload: str | None) -> str:
+  """``host_allocator.allocator()`` in a fresh interpreter, LD_PRELOAD set to ``preload`` or unset."""
+  env = {key: value for key, value in os.environ.items() if key != 'LD_PRELOAD'}
+  if preload is not None:
+    env['LD_PRELOAD'] = preload
+  code = 'from scoresde.infra import host_allocator; print(host_allocator.allocator())'
+  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120,
+                          check=True)
+  return result.stdout.strip()
+
+
+def test_a_plain_python_runs_on_glibc():
+  assert _allocator_of_a_python_started_with(None) == 'glibc malloc'
 
 
 @pytest.mark.skipif(not os.path.exists(TCMALLOC), reason='tcmalloc is not installed (apt install libtcmalloc-minimal4)')
 def test_a_preloaded_tcmalloc_is_seen():
-  code = 'from scoresde.infra import host_allocator; print(host_allocator.allocator())'
-  result = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'LD_PRELOAD': TCMALLOC},
-                          capture_output=True, text=True, timeout=120, check=True)
-  assert result.stdout.strip() == 'tcmalloc'
+  assert _allocator_of_a_python_started_with(TCMALLOC) == 'tcmalloc'
 
 
 def test_advice_names_tcmalloc_only_for_glibc_on_the_cpu(monkeypatch):
