@@ -23,14 +23,9 @@ $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 	$(VENV)/bin/pip install -q -r requirements-test.txt
 	touch $@
 
-# tcmalloc, where installed, keeps XLA:CPU's per-step temporaries for reuse instead of returning them to
-# the kernel as glibc's malloc does (README "Performance"); `make demo TCMALLOC=` runs without it.
-TCMALLOC ?= $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4))
-RUN = $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(VENV)/bin/python
-
 demo: env
-	$(RUN) main.py --config=$(CONFIG) --mode=train --workdir=$(WORKDIR)
-	$(RUN) main.py --config=$(CONFIG) --mode=eval --workdir=$(WORKDIR)
+	$(VENV)/bin/python main.py --config=$(CONFIG) --mode=train --workdir=$(WORKDIR)
+	$(VENV)/bin/python main.py --config=$(CONFIG) --mode=eval --workdir=$(WORKDIR)
 
 # Without `make env-test` first, the run ends by naming the cross-checks it skipped and the command that
 # runs them (tests/conftest.py).

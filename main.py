@@ -28,6 +28,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from scoresde.infra import host_allocator
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, samples, logs.')
@@ -59,6 +61,10 @@ flags.DEFINE_string('inpaint.mask', None, '--mode=sample: the region to fill in 
 flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port of process 0.')
 flags.DEFINE_integer('num_processes', 1, 'Multi-process: number of processes.')
 flags.DEFINE_integer('process_id', 0, 'Multi-process: this process.')
+flags.DEFINE_bool('keep_freed_memory', True, 'One CPU device on glibc: run its programs on this thread and '
+                  'keep freed memory, so each training step reuses its temporaries instead of page-faulting '
+                  'them in afresh (scoresde/infra/host_allocator.py); false leaves jax and malloc as they '
+                  'start.')
 flags.DEFINE_bool('jax_distributed', False, 'Call jax.distributed.initialize() with cluster auto-detection.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -109,6 +115,8 @@ def _log_to_file(workdir: str) -> None:
 
 def main(argv):
   del argv
+  if FLAGS.keep_freed_memory and FLAGS.num_processes == 1 and not FLAGS.jax_distributed:
+    host_allocator.inline_cpu_programs()  # before anything below starts jax's backends
   if FLAGS.num_processes > 1:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
@@ -123,6 +131,9 @@ def main(argv):
   _log_to_file(workdir)
   logging.info('mode=%s workdir=%s process %d/%d, %d devices', FLAGS.mode, workdir, jax.process_index(),
                jax.process_count(), jax.device_count())
+  if FLAGS.keep_freed_memory and host_allocator.keep_freed_memory():
+    logging.info('one CPU device on glibc: its programs run on this thread and malloc keeps freed memory, '
+                 'so each call reuses the temporaries of the last (scoresde/infra/host_allocator.py)')
 
   from scoresde import run_lib  # pylint: disable=import-outside-toplevel  (after jax.distributed.initialize)
   if FLAGS.mode == 'train':

@@ -13,7 +13,9 @@ each ``--candidate_gradient`` set for its gradient program, and with ``--halves`
 update apart (ours as the library's two programs, the reference's loss + backward and clip + Adam + EMA), then
 ``--repeats`` calls of every variant interleaved, medians (of the time and of the minor page faults a call
 takes: memory fresh from the kernel). Compile times are the first calls. The header names the process's C
-allocator (run it under ``LD_PRELOAD=.../libtcmalloc_minimal.so.4`` to time both sides with tcmalloc).
+allocator and whether freed memory is kept as ``main.py`` keeps it (``infra/host_allocator.py``: programs
+run inline, glibc's mallopt; both sides in the process get it; ``--nokeep_freed_memory`` times glibc as it
+starts, ``LD_PRELOAD=.../libtcmalloc_minimal.so.4`` both sides with tcmalloc).
 
 ``--reference_dir`` points at a checkout of github.com/yang-song/score_sde_pytorch: its models are built
 from its own config of the same name and timed the same way (``torch.set_num_threads(--threads)``, its
@@ -68,6 +70,9 @@ flags.DEFINE_list('candidate_gradient', [],
                   'xla_cpu_experimental_ynn_fusion_type sets (`+` between LIBRARY_FUSION_TYPE_ suffixes, e.g. '
                   'DOT+REDUCE; `none` for the empty set) for the gradient program of candidate split steps, each timed beside the library\'s.')
 
+flags.DEFINE_bool('keep_freed_memory', True,
+                  'As main.py: single-device CPU programs inline and glibc\'s freed memory kept '
+                  '(infra/host_allocator.py).')
 flags.DEFINE_bool('halves', False,
                   'Also time the step\'s two halves apart: ours the gradient and the optimizer + EMA update '
                   'programs (the library\'s training options), the reference its loss + backward and its '
@@ -232,9 +237,12 @@ def _minor_faults() -> int:
 
 def main(argv):
   del argv
+  if FLAGS.keep_freed_memory:
+    host_allocator.inline_cpu_programs()
+  kept = FLAGS.keep_freed_memory and host_allocator.keep_freed_memory()
   load = os.getloadavg()[0]
   print(f'# {os.cpu_count()} CPUs, jax {jax.__version__}, batch {FLAGS.batch}, load {load:.1f} at start, '
-        f'{time.strftime("%Y-%m-%d")}, allocator: {host_allocator.allocator()}')
+        f'{time.strftime("%Y-%m-%d")}, allocator: {host_allocator.allocator()}, freed memory kept: {kept}')
   print('| config | variant | compile + 1st call (s) | median (s) | / XLA defaults | / reference | '
         'page faults / call |')
   print('|---|---|---|---|---|---|---|')
