@@ -71,7 +71,8 @@ def test_a_plain_python_runs_on_glibc():
   assert _allocator_of_a_python_started_with(None) == 'glibc malloc'
 
 
-@pytest.mark.skipif(not os.path.exists(TCMALLOC), reason='tcmalloc is not installed (apt install libtcmalloc-minimal4)')
+@pytest.mark.skipif(not os.path.exists(TCMALLOC),
+                    reason='tcmalloc is not installed (apt install libtcmalloc-minimal4)')
 def test_a_preloaded_tcmalloc_is_seen():
   assert _allocator_of_a_python_started_with(TCMALLOC) == 'tcmalloc'
 

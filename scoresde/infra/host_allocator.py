@@ -4,10 +4,10 @@ XLA:CPU allocates a program's temporary buffers at every call: 738 MiB for the C
 step at batch 4 (its compiled memory analysis). glibc's malloc serves an allocation that large with
 fresh pages from the kernel (``mmap``) and unmaps them when it is freed, so every step page-faults and
 zeroes them again: about 190,000 faults; kept, the CIFAR-10 DDPM++ step took 0.84-0.90x the time on a
-2-core AMD EPYC, NCSN++'s 0.90-1.00x (BENCHMARKS.md, "Where the CPU time goes"). glibc keeps memory only in its main arena: in a
-worker thread's arena (where jax runs a CPU program by default, dispatched asynchronously) an
-allocation larger than the arena's 64 MiB heap is always mmapped, whatever mallopt says. Hence two
-steps, both taken by ``main.py``:
+2-core AMD EPYC, NCSN++'s 0.90-1.00x (BENCHMARKS.md, "Where the CPU time goes"). glibc keeps memory
+only in its main arena: in a worker thread's arena (where jax runs a CPU program by default, dispatched
+asynchronously) an allocation larger than the arena's 64 MiB heap is always mmapped, whatever mallopt
+says. Hence two steps, both taken by ``main.py``:
 
 - ``inline_cpu_programs``, before jax starts its backends: the CPU client runs single-device programs on
   the calling thread (``jax_cpu_enable_async_dispatch=False``), so their temporaries come from the main
